@@ -1,0 +1,43 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up their own
+# virtual environment (idempotently: the stamp file is only rebuilt when pyproject.toml changes).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# The CPU wheel of torch 2.13.0 lies on the dev/CI machines' disk; pinning it first keeps pip from
+# resolving a multi-GB CUDA build for the `torch` requirement.
+TORCH_PIN ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-unit test-distributed bench lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m megatron_alp.demo
+
+test: $(STAMP)
+	@start=$$(date +%s); \
+	$(PY) -m pytest tests; rc=$$?; \
+	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+test-distributed: $(STAMP)
+	$(PY) -m pytest tests/distributed
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) runs demo_out

@@ -1,0 +1,130 @@
+"""torch.distributed and Megatron parallel-state initialisation.
+
+nccl where CUDA exists, gloo otherwise (then the CPU support of :mod:`.cpu_support` is applied).
+The parallel layout is validated before any group is created, with errors naming the field.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A resolved parallel layout: sizes of each dimension and the world size they multiply to."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    sp: bool
+    world_size: int
+
+
+def validate_layout(parallel, world_size: int, model=None) -> Layout:
+    """Check a parallel config section against the world size (and the model, when given).
+
+    ``parallel`` is a :class:`megatron_alp.config.schema.ParallelConfig` (or anything with the
+    fields ``tp``, ``pp``, ``cp``, ``sequence_parallel`` and optionally ``dp``). Raises
+    ``ValueError`` naming the offending field and numbers.
+    """
+    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
+    for name, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    mp = tp * pp * cp
+    if world_size % mp != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp "
+            f"= {tp} x {pp} x {cp} = {mp}"
+        )
+    dp = world_size // mp
+    want_dp = getattr(parallel, "dp", None)
+    if want_dp not in (None, 0) and want_dp != dp:
+        raise ValueError(
+            f"parallel.dp = {want_dp} but world size {world_size} / (tp {tp} x pp {pp} x cp {cp}) = {dp}"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel needs parallel.tp > 1 (got tp = 1)")
+    if model is not None:
+        if model.num_attention_heads % tp:
+            raise ValueError(
+                f"model.num_attention_heads = {model.num_attention_heads} is not divisible by parallel.tp = {tp}"
+            )
+        groups = model.num_query_groups or model.num_attention_heads
+        if groups % tp:
+            raise ValueError(f"model.num_query_groups = {groups} is not divisible by parallel.tp = {tp}")
+        if model.num_layers % pp:
+            raise ValueError(f"model.num_layers = {model.num_layers} is not divisible by parallel.pp = {pp}")
+        if model.ffn_hidden_size % tp:
+            raise ValueError(f"model.ffn_hidden_size = {model.ffn_hidden_size} is not divisible by parallel.tp = {tp}")
+    return Layout(tp=tp, pp=pp, cp=cp, dp=dp, sp=bool(parallel.sequence_parallel), world_size=world_size)
+
+
+def init_distributed(timeout_minutes: int = 10) -> None:
+    """Initialise the default process group from the torchrun environment (idempotent).
+
+    Without ``WORLD_SIZE`` in the environment a single-process group is created on a free local
+    port, so library code can always assume torch.distributed is initialised.
+    """
+    if dist.is_initialized():
+        return
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        from .cpu_support import apply_cpu_support
+
+        apply_cpu_support()
+    if "WORLD_SIZE" not in os.environ:
+        from .spawn import free_port
+
+        os.environ.update(
+            {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+        )
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    logger.info("torch.distributed up: backend=%s rank=%d world=%d", backend, dist.get_rank(), dist.get_world_size())
+
+
+def init_parallel_state(parallel, model=None, seed: Optional[int] = None) -> Layout:
+    """Validate the layout, then create Megatron's parallel groups (and seed the RNG tracker).
+
+    Re-initialising with another layout in the same process is allowed (the groups are destroyed
+    first); tests use this to compare layouts inside one spawned world.
+    """
+    from megatron.core import parallel_state as ps
+
+    init_distributed()
+    layout = validate_layout(parallel, dist.get_world_size(), model)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        # On CPU every group is gloo already; on GPU the extra gloo groups serve the distributed optimizer.
+        create_gloo_process_groups=torch.cuda.is_available(),
+    )
+    if seed is not None:
+        from .rng import model_parallel_seed
+
+        model_parallel_seed(seed)
+    return layout
+
+
+def destroy_parallel_state() -> None:
+    """Tear down Megatron's groups (the default process group stays)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
