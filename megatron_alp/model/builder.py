@@ -8,23 +8,23 @@ from typing import Optional
 import torch
 
 from ..config.megatron import to_transformer_config
-from .specs import stock_layer_spec
+from .specs import stock_block_spec
 from .vocab import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
 
-def build_gpt_model(model, parallel, precision, layer_spec=None, transformer_config=None, **gpt_kwargs):
+def build_gpt_model(model, parallel, precision, block_spec=None, transformer_config=None, **gpt_kwargs):
     """The GPTModel chunk of this pipeline stage (parallel state must be initialised).
 
-    ``layer_spec`` defaults to :func:`stock_layer_spec`; ALP passes its own. Extra keyword
-    arguments go to ``GPTModel`` (e.g. ``transformer_layer_spec`` variants in tests).
+    ``block_spec`` is a function ``TransformerConfig -> TransformerBlockSubmodules``; it defaults
+    to :func:`stock_block_spec` (ALP passes its own). Extra keyword arguments go to ``GPTModel``.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config or to_transformer_config(model, parallel, precision)
-    spec = layer_spec if layer_spec is not None else stock_layer_spec(model)
+    spec = block_spec(config) if block_spec is not None else stock_block_spec(model, config)
     tp = ps.get_tensor_model_parallel_world_size()
     kwargs = dict(
         config=config,

@@ -32,4 +32,64 @@ def stock_layer_spec(model, use_te: bool | None = None):
         use_te = torch.cuda.is_available() and have_transformer_engine()
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    return _with_sp_capable_norms(spec)
+
+
+def _with_sp_capable_norms(spec):
+    """Copy of the local spec whose Apex-less norms (``WrappedTorchNorm``) become our RMSNorm.
+
+    The only change: sequence parallelism works (see :mod:`megatron_alp.model.norm`). The QK norms
+    act on TP-sharded heads, not on sequence slices, so Megatron reduces them by name; they are
+    swapped too only to keep one norm class.
+    """
+    import copy
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from .norm import RMSNorm
+
+    spec = copy.deepcopy(spec)
+    sub = spec.submodules
+    for slot in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(sub, slot) is WrappedTorchNorm:
+            setattr(sub, slot, RMSNorm)
+    attn = getattr(sub.self_attention, "submodules", None)
+    if attn is not None:
+        for slot in ("q_layernorm", "k_layernorm"):
+            if getattr(attn, slot, None) is WrappedTorchNorm:
+                setattr(attn, slot, RMSNorm)
+    return spec
+
+
+def final_norm_spec(use_te: bool | None = None):
+    """The block's final norm: TE's where TE is in use, else our SP-capable RMSNorm."""
+    if use_te is None:
+        use_te = torch.cuda.is_available() and have_transformer_engine()
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from .norm import RMSNorm
+
+    return RMSNorm
+
+
+def stock_block_spec(model, config, layer_spec=None, vp_stage=None):
+    """A ``TransformerBlockSubmodules`` for this pipeline stage: one layer spec per local layer.
+
+    ``layer_spec`` may be a single spec or a function ``global_layer_index -> spec`` (ALP perturbs
+    a subset of layers by handing out two specs).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    layer_spec = layer_spec if layer_spec is not None else stock_layer_spec(model)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=ps.get_pipeline_model_parallel_rank())
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    per_layer = not isinstance(layer_spec, ModuleSpec)
+    specs = [layer_spec(offset + i) if per_layer else layer_spec for i in range(n)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm_spec())

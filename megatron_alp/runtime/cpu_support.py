@@ -98,6 +98,12 @@ def apply_cpu_support() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
     mrandom._set_cuda_rng_state = lambda *a, **k: None
 
+    # Item 7 (found here, not in PLATFORM.md's list): with tied embeddings and PP > 1,
+    # LanguageModule.setup_embeddings_and_output_layer moves the shared weight with
+    # ``weight.data.cuda()`` before all-reducing it between the first and last stage. In a process
+    # without CUDA every tensor lives on the CPU, so ``Tensor.cuda`` becomes the identity.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+
     # Item 5: DistributedOptimizer refuses CPU parameters and clip_grad_by_total_norm_fp32 asserts
     # CUDA gradients. We do not patch these: on CPU the actor builds the plain optimizer
     # (use_distributed_optimizer=False, clip_grad=0.0) and clips with

@@ -1,0 +1,137 @@
+"""Full (TP=1, PP=1, real-vocabulary) tensors <-> this rank's Megatron shards.
+
+The one place that knows how Megatron lays a parameter out across ranks, read from the
+attributes Megatron puts on each parameter:
+
+- ``tensor_model_parallel`` / ``partition_dim``: split along that dim, contiguous by TP rank.
+- ``partition_stride`` > 1 (SwiGLU's fused ``linear_fc1``): the full tensor is ``stride`` blocks
+  ([gate; up]) and each rank holds its slice of every block, concatenated.
+- The word embedding and the output layer have ``padded_vocab`` rows; the full form has the real
+  ``vocab_size`` rows (rollout engines and HF never see padding), so rows are zero-padded on the
+  way in and stripped on the way out.
+- Pipeline stages hold ``decoder.layers.<local>``; full names use the global layer index
+  (``TransformerLayer.layer_number - 1``).
+
+Used by the invariance tests, the converter and the weight export.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+_LAYER_RE = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _layer_offsets(model) -> Dict[int, int]:
+    """local layer index -> global (0-based) layer index for this pipeline chunk."""
+    layers = getattr(getattr(model, "decoder", None), "layers", [])
+    return {i: layer.layer_number - 1 for i, layer in enumerate(layers)}
+
+
+def global_name(local_name: str, offsets: Dict[int, int]) -> str:
+    m = _LAYER_RE.match(local_name)
+    if not m:
+        return local_name
+    return f"{m.group(1)}{offsets[int(m.group(2))]}{m.group(3)}"
+
+
+def named_global_parameters(model) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+    """(full name, local parameter) for every parameter of this rank's model chunk."""
+    offsets = _layer_offsets(model)
+    for name, p in model.named_parameters():
+        yield global_name(name, offsets), p
+
+
+def _is_tp_sharded(p) -> bool:
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def shard_of(full: torch.Tensor, p, tp_rank: int, tp_size: int, vocab: bool = False) -> torch.Tensor:
+    """This rank's slice of ``full`` for local parameter ``p`` (see module docstring)."""
+    if not _is_tp_sharded(p):
+        return full
+    dim = p.partition_dim
+    if vocab and full.shape[dim] != p.shape[dim] * tp_size:
+        padded = p.shape[dim] * tp_size
+        if full.shape[dim] > padded:
+            raise ValueError(f"vocabulary of {full.shape[dim]} rows does not fit the padded {padded}")
+        pad_shape = list(full.shape)
+        pad_shape[dim] = padded - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+    stride = getattr(p, "partition_stride", 1)
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([b.chunk(tp_size, dim=dim)[tp_rank] for b in blocks], dim=dim)
+
+
+def unshard(shards, p, stride: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`shard_of` over the list of all TP ranks' shards (vocab rows kept padded)."""
+    dim = p.partition_dim
+    stride = stride or getattr(p, "partition_stride", 1)
+    per_rank_blocks = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([torch.cat([rb[b] for rb in per_rank_blocks], dim=dim) for b in range(stride)], dim=dim)
+
+
+@torch.no_grad()
+def load_full_state_dict(model, full: Dict[str, torch.Tensor], vocab_size: Optional[int] = None, strict: bool = True):
+    """Copy full tensors into this rank's shards. Names are full names (global layer indices)."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    missing = []
+    for name, p in named_global_parameters(model):
+        src_name = name
+        if name == "output_layer.weight" and name not in full and getattr(p, "shared_embedding", False):
+            src_name = "embedding.word_embeddings.weight"  # tied embeddings on the last PP stage
+        if src_name not in full:
+            missing.append(name)
+            continue
+        local = shard_of(full[src_name].to(p.dtype), p, tp_rank, tp_size, vocab=name in _VOCAB_PARAMS)
+        if local.shape != p.shape:
+            raise ValueError(f"{name}: full tensor gives a shard of shape {tuple(local.shape)}, model has {tuple(p.shape)}")
+        p.copy_(local)
+    if strict and missing:
+        raise KeyError(f"full state dict lacks {missing}")
+
+
+def gather_full(name: str, p: torch.Tensor, vocab_size: Optional[int] = None, tp_group=None, like=None) -> torch.Tensor:
+    """All-gather one parameter (or a tensor shaped like it, e.g. its grad) over TP into full form.
+
+    ``like`` is the parameter whose sharding attributes apply when ``p`` is a gradient.
+    """
+    from megatron.core import parallel_state as ps
+
+    meta = like if like is not None else p
+    t = p.detach()
+    if _is_tp_sharded(meta):
+        group = tp_group if tp_group is not None else ps.get_tensor_model_parallel_group()
+        size = dist.get_world_size(group)
+        if size > 1:
+            shards = [torch.empty_like(t) for _ in range(size)]
+            dist.all_gather(shards, t.contiguous(), group=group)
+            t = unshard(shards, meta)
+    if name in _VOCAB_PARAMS and vocab_size is not None:
+        t = t.narrow(getattr(meta, "partition_dim", 0), 0, vocab_size)
+    return t
+
+
+def full_state_dict(model, vocab_size: Optional[int] = None, grads: bool = False) -> Dict[str, torch.Tensor]:
+    """Every parameter of this PP stage gathered over TP (or its gradient, with ``grads=True``).
+
+    Gradients are read from ``main_grad`` (Megatron DDP) when present, else ``.grad``.
+    """
+    out = {}
+    for name, p in named_global_parameters(model):
+        if grads:
+            g = getattr(p, "main_grad", None)
+            g = g if g is not None else p.grad
+            if g is None:
+                continue
+            out[name] = gather_full(name, g, vocab_size, like=p).clone()
+        else:
+            out[name] = gather_full(name, p, vocab_size).clone()
+    return out
