@@ -56,6 +56,11 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     # The plain (non-distributed) optimizers keep found_inf / scale scalars on "cuda".
     "megatron.core.optimizer.optimizer",
+    # get_grad_norm_fp32 (always called by ChainedOptimizer.step for its return value) keeps its
+    # overflow buffer and norm on "cuda".
+    "megatron.core.optimizer.clip_grads",
+    # ... through the Apex-less fallback local_multi_tensor_l2_norm, which returns its norm on "cuda".
+    "megatron.core.utils",
 )
 
 

@@ -83,6 +83,7 @@ def _pp_loss_and_grads(cfg, full, tokens, labels):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
+    from megatron_alp.runtime.grad_clip import grad_norm
 
     model = _build(cfg, pp=2)
     load_full_state_dict(model, full)
@@ -106,13 +107,14 @@ def _pp_loss_and_grads(cfg, full, tokens, labels):
         seq_length=tokens.shape[1], micro_batch_size=2, forward_only=False,
     )
     loss = torch.stack([d["loss"] for d in losses]).mean() if ps.is_pipeline_last_stage() else None
-    return loss, full_state_dict(model, V, grads=True)
+    return loss, full_state_dict(model, V, grads=True), grad_norm(model.parameters())
 
 
 def _world(rank, world_size, tie):
     import torch.distributed as dist
     from megatron.core.distributed import finalize_model_grads
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
+    from megatron_alp.runtime.grad_clip import grad_norm
 
     cfg = _cfg(tie)
     tokens, labels = _batch()
@@ -125,7 +127,8 @@ def _world(rank, world_size, tie):
     logits = model(tokens, _positions(tokens), None)
     loss = _loss(logits, labels)
     loss.backward()
-    ref = {"logits": logits.detach()[..., :V], "loss": loss.detach(), "grads": full_state_dict(model, V, grads=True)}
+    ref = {"logits": logits.detach()[..., :V], "loss": loss.detach(), "grads": full_state_dict(model, V, grads=True),
+           "norm": grad_norm(model.parameters())}
 
     # TP=2, with and without sequence parallel.
     for sp in (False, True):
@@ -143,11 +146,12 @@ def _world(rank, world_size, tie):
             "logits": _gather_tp_logits(logits.detach())[..., :V],
             "loss": loss.detach(),
             "grads": full_state_dict(model, V, grads=True),
+            "norm": grad_norm(model.parameters()),
         }
 
     # PP=2 through Megatron's 1F1B schedule with 2 micro-batches.
-    loss, grads = _pp_loss_and_grads(cfg, full, tokens, labels)
-    res["pp2"] = {"loss": loss, "grads": grads}
+    loss, grads, norm = _pp_loss_and_grads(cfg, full, tokens, labels)
+    res["pp2"] = {"loss": loss, "grads": grads, "norm": norm}
 
     # DP=2 through Megatron's DDP: each rank a half batch, gradients averaged over DP.
     model = _build(cfg)
@@ -159,7 +163,7 @@ def _world(rank, world_size, tie):
     loss.backward()
     ddp.finish_grad_sync()
     dist.all_reduce(loss.detach(), op=dist.ReduceOp.SUM)
-    res["dp2"] = {"grads": full_state_dict(model, V, grads=True)}
+    res["dp2"] = {"grads": full_state_dict(model, V, grads=True), "norm": grad_norm(model.parameters())}
     return ref, res
 
 
@@ -186,6 +190,9 @@ def test_layouts_match_tp1(tie):
             # Megatron all-reduces the two copies' gradients (finalize_model_grads).
             ref_name = "embedding.word_embeddings.weight" if (tie and name == "output_layer.weight") else name
             torch.testing.assert_close(g, ref["grads"][ref_name], rtol=1e-4, atol=1e-6, msg=f"pp2 grad {name}")
+        # The global gradient norm used for clipping counts every parameter once in every layout.
+        for key in ("tp2_sp0", "tp2_sp1", "pp2", "dp2"):
+            assert abs(res[key]["norm"] - ref["norm"]) <= 1e-5 * ref["norm"], (key, res[key]["norm"], ref["norm"])
         for name, g in res["dp2"]["grads"].items():
             torch.testing.assert_close(g, ref["grads"][name], rtol=1e-4, atol=1e-6, msg=f"dp2 grad {name}")
     # Between them, the two PP stages cover every parameter.

@@ -1,0 +1,48 @@
+"""The spawned-world harness: results by rank, readable worker tracebacks, timeouts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from megatron_alp.runtime.spawn import WorkerError, run_world
+
+
+def _sum_ranks(rank, world_size):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_alp.runtime.distributed import init_distributed
+
+    init_distributed()
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return rank, world_size, t.item()
+
+
+def _fail_on_rank1(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom from rank one")
+    return rank
+
+
+def _hang(rank, world_size):
+    time.sleep(60)
+
+
+def test_results_ordered_by_rank_and_collectives_work():
+    out = run_world(_sum_ranks, 2, timeout=120)
+    assert out == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
+def test_worker_traceback_reraised():
+    with pytest.raises(WorkerError, match=r"(?s)rank 1 of 2 failed.*ValueError: boom from rank one"):
+        run_world(_fail_on_rank1, 2, timeout=120)
+
+
+def test_timeout_instead_of_hang():
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish within 3 s"):
+        run_world(_hang, 2, timeout=3)
+    assert time.monotonic() - t0 < 30
