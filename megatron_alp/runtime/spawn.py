@@ -88,10 +88,12 @@ def run_world(
     import time
 
     deadline = time.monotonic() + timeout
+    timed_out = False
     try:
         while len(results) + len(errors) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                timed_out = True
                 raise TimeoutError(
                     f"spawned world of {world_size} did not finish within {timeout:.0f} s; "
                     f"finished ranks: {sorted(results)}, failed ranks: {sorted(errors)}"
@@ -118,7 +120,7 @@ def run_world(
                 break
     finally:
         for p in procs:
-            p.join(timeout=0.5 if errors else 5)
+            p.join(timeout=0.5 if (errors or timed_out) else 5)
         for p in procs:
             if p.is_alive():
                 p.kill()
