@@ -273,5 +273,5 @@ class Config:
             bad = [i for i in self.alp.layers if not 0 <= i < m.num_layers]
             if bad:
                 raise ValueError(f"alp.layers has indices {bad} outside [0, model.num_layers = {m.num_layers})")
-        if self.algorithm.aggregation == "token-mean" and self.run.micro_batch_size < 1:
+        if self.run.micro_batch_size < 1:
             raise ValueError(f"run.micro_batch_size must be >= 1, got {self.run.micro_batch_size}")
