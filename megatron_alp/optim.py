@@ -31,12 +31,31 @@ def wrap_ddp(model, overlap: Optional[bool] = None):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
 
 
-class Optimizer:
-    """Megatron optimizer + our CPU clipping path, one ``step()`` for both."""
+def param_group_overrides(opt_cfg, alp=None) -> Dict:
+    """Megatron ``config_overrides``: no weight decay on biases and 1-D weights (Megatron's
+    standard rule), and, with ALP, log-sigma in its own group (``sigma_param_group_overrides``)."""
+    from megatron.core.optimizer import ParamKey
+    from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
 
-    def __init__(self, model_chunks: List, opt_cfg, precision: str = "fp32",
-                 overrides: Optional[Dict] = None):
+    no_wd = ParamWithNamePredicate(
+        name="no_wd_1d_or_bias",
+        fn=lambda p, n: (len(p.shape) == 1 or n.endswith(".bias")) and not getattr(p, "alp_sigma", False),
+    )
+    overrides = {ParamKey(with_name_predicate=no_wd): {"wd_mult": 0.0}}
+    if alp is not None and alp.enabled:
+        from .model.alp import sigma_param_group_overrides
+
+        overrides.update(sigma_param_group_overrides(alp, opt_cfg.weight_decay))
+    return overrides
+
+
+class Optimizer:
+    """Megatron optimizer + LR schedule + our CPU clipping path, one ``step()`` for both."""
+
+    def __init__(self, model_chunks: List, opt_cfg, precision: str = "fp32", alp=None,
+                 total_steps: Optional[int] = None):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.on_gpu = torch.cuda.is_available()
         self.clip = opt_cfg.clip_grad
@@ -56,8 +75,17 @@ class Optimizer:
             use_distributed_optimizer=self.on_gpu,
             clip_grad=opt_cfg.clip_grad if self.on_gpu else 0.0,
         )
-        self.megatron = get_megatron_optimizer(mcfg, model_chunks, config_overrides=overrides,
+        self.megatron = get_megatron_optimizer(mcfg, model_chunks, config_overrides=param_group_overrides(opt_cfg, alp),
                                                use_gloo_process_groups=self.on_gpu)  # on CPU every group is gloo already
+        decay_steps = max(1, (total_steps or 1) - opt_cfg.warmup_steps)
+        style = opt_cfg.schedule if opt_cfg.schedule != "constant" else "constant"
+        self.scheduler = OptimizerParamScheduler(
+            self.megatron, init_lr=0.0 if opt_cfg.warmup_steps else opt_cfg.lr, max_lr=opt_cfg.lr,
+            min_lr=opt_cfg.min_lr, lr_warmup_steps=opt_cfg.warmup_steps,
+            lr_decay_steps=opt_cfg.warmup_steps + decay_steps, lr_decay_style=style,
+            start_wd=opt_cfg.weight_decay, end_wd=opt_cfg.weight_decay, wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
 
     def zero_grad(self) -> None:
         for c in self.chunks:
@@ -72,10 +100,16 @@ class Optimizer:
             if not torch.isfinite(torch.tensor(norm)):
                 return False, norm
         ok, norm_m, _ = self.megatron.step()
+        if ok:
+            self.scheduler.step(1)
         return ok, (norm_m if self.on_gpu else norm)
 
+    def lrs(self) -> List[float]:
+        return [g["lr"] for g in self.megatron.param_groups]
+
     def state_dict(self):
-        return self.megatron.state_dict()
+        return {"optimizer": self.megatron.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state) -> None:
-        self.megatron.load_state_dict(state)
+        self.megatron.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

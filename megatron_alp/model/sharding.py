@@ -33,7 +33,15 @@ def _layer_offsets(model) -> Dict[int, int]:
     return {i: layer.layer_number - 1 for i, layer in enumerate(layers)}
 
 
+# Wrappers that ALP's logits-only variant puts around a stock module are transparent in full names,
+# so weights load into (and export from) both variants under the stock names.
+_TRANSPARENT = (("decoder.final_layernorm.norm.", "decoder.final_layernorm."),)
+
+
 def global_name(local_name: str, offsets: Dict[int, int]) -> str:
+    for wrapped, stock in _TRANSPARENT:
+        if local_name.startswith(wrapped):
+            local_name = stock + local_name[len(wrapped):]
     m = _LAYER_RE.match(local_name)
     if not m:
         return local_name
@@ -82,8 +90,12 @@ def load_full_state_dict(model, full: Dict[str, torch.Tensor], vocab_size: Optio
     from megatron.core import parallel_state as ps
 
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    from .alp.params import is_alp_param
+
     missing = []
     for name, p in named_global_parameters(model):
+        if is_alp_param(name, p) and name not in full:
+            continue  # a state without sigma (an HF model, an export) leaves sigma at its init
         src_name = name
         if name == "output_layer.weight" and name not in full and getattr(p, "shared_embedding", False):
             src_name = "embedding.word_embeddings.weight"  # tied embeddings on the last PP stage
@@ -119,13 +131,19 @@ def gather_full(name: str, p: torch.Tensor, vocab_size: Optional[int] = None, tp
     return t
 
 
-def full_state_dict(model, vocab_size: Optional[int] = None, grads: bool = False) -> Dict[str, torch.Tensor]:
+def full_state_dict(model, vocab_size: Optional[int] = None, grads: bool = False,
+                    include_alp: bool = False) -> Dict[str, torch.Tensor]:
     """Every parameter of this PP stage gathered over TP (or its gradient, with ``grads=True``).
 
-    Gradients are read from ``main_grad`` (Megatron DDP) when present, else ``.grad``.
+    Gradients are read from ``main_grad`` (Megatron DDP) when present, else ``.grad``. ALP's
+    log-sigma parameters are trainer-only and left out unless ``include_alp`` (checkpoints).
     """
+    from .alp.params import is_alp_param
+
     out = {}
     for name, p in named_global_parameters(model):
+        if not include_alp and is_alp_param(name, p):
+            continue
         if grads:
             g = getattr(p, "main_grad", None)
             g = g if g is not None else p.grad

@@ -13,156 +13,63 @@ import torch
 
 from megatron_alp.runtime.spawn import run_world
 
-V = 250  # real vocabulary: padded to 256 at TP=1 and TP=2
-
-
-def _cfg(tie: bool):
-    from megatron_alp.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=4",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            "model.num_query_groups=2",
-            "model.ffn_hidden_size=96",
-            f"model.vocab_size={V}",
-            f"model.tie_embeddings={str(tie).lower()}",
-        ],
-    )
-
-
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, V, (4, 16), generator=g)
-    labels = torch.randint(0, V, (4, 16), generator=g)
-    return tokens, labels
-
-
-def _positions(tokens):
-    return torch.arange(tokens.shape[1])[None].expand(tokens.shape[0], -1)
-
-
-def _loss(logits, labels):
-    from megatron.core import tensor_parallel
-
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.float().contiguous(), labels).mean()
-
-
-def _build(cfg, **parallel):
-    from megatron_alp.config import ParallelConfig
-    from megatron_alp.model.builder import build_gpt_model
-    from megatron_alp.runtime.distributed import init_parallel_state
-
-    cfg.parallel = ParallelConfig(**parallel)
-    init_parallel_state(cfg.parallel, cfg.model, seed=11)
-    return build_gpt_model(cfg.model, cfg.parallel, cfg.precision)
-
-
-def _gather_tp_logits(logits):
-    from megatron.core import parallel_state as ps
-    import torch.distributed as dist
-
-    g = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(g))]
-    dist.all_gather(parts, logits.contiguous(), group=g)
-    return torch.cat(parts, dim=-1)
-
-
-def _wrap_ddp(cfg, model):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=False)
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
-
-
-def _pp_loss_and_grads(cfg, full, tokens, labels):
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
-    from megatron_alp.runtime.grad_clip import grad_norm
-
-    model = _build(cfg, pp=2)
-    load_full_state_dict(model, full)
-    ddp = _wrap_ddp(cfg, model)
-    ddp.config.finalize_model_grads_func = finalize_model_grads
-    micro = [(tokens[i : i + 2], labels[i : i + 2]) for i in (0, 2)]
-
-    def step(data_iter, m):
-        t, lab = next(data_iter)
-        out = m(t, _positions(t), None)
-
-        def loss_func(logits):
-            loss = _loss(logits, lab)
-            return loss, {"loss": loss.detach().clone()}  # the schedule divides loss in place
-
-        return out, loss_func
-
-    ddp.zero_grad_buffer()
-    losses = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(micro), model=[ddp], num_microbatches=2,
-        seq_length=tokens.shape[1], micro_batch_size=2, forward_only=False,
-    )
-    loss = torch.stack([d["loss"] for d in losses]).mean() if ps.is_pipeline_last_stage() else None
-    return loss, full_state_dict(model, V, grads=True), grad_norm(model.parameters())
+from tests.distributed.layouts import (V, batch, build, ce_loss, gather_tp_logits, make_cfg, positions,
+                                      schedule_loss, wrap_ddp)
 
 
 def _world(rank, world_size, tie):
-    import torch.distributed as dist
     from megatron.core.distributed import finalize_model_grads
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
     from megatron_alp.runtime.grad_clip import grad_norm
 
-    cfg = _cfg(tie)
-    tokens, labels = _batch()
+    cfg = make_cfg(tie)
+    tokens, labels = batch()
     res = {}
 
     # Reference: TP=1, PP=1, full batch, on every rank.
-    model = _build(cfg)
+    model = build(cfg)
     full = full_state_dict(model, V)
     load_full_state_dict(model, full)  # zero the padded vocabulary rows, as every other layout gets them
-    logits = model(tokens, _positions(tokens), None)
-    loss = _loss(logits, labels)
+    logits = model(tokens, positions(tokens), None)
+    loss = ce_loss(logits, labels)
     loss.backward()
     ref = {"logits": logits.detach()[..., :V], "loss": loss.detach(), "grads": full_state_dict(model, V, grads=True),
            "norm": grad_norm(model.parameters())}
 
     # TP=2, with and without sequence parallel.
     for sp in (False, True):
-        model = _build(cfg, tp=2, sequence_parallel=sp)
+        model = build(cfg, tp=2, sequence_parallel=sp)
         load_full_state_dict(model, full)
-        ddp = _wrap_ddp(cfg, model)
+        ddp = wrap_ddp(model)
         ddp.zero_grad_buffer()
-        logits = ddp(tokens, _positions(tokens), None)
-        loss = _loss(logits, labels)
+        logits = ddp(tokens, positions(tokens), None)
+        loss = ce_loss(logits, labels)
         loss.backward()
         # Megatron's own gradient finalisation: DP reduction, and the TP all-reduce of the
         # sequence-parallel norm weights and the QK norms.
         finalize_model_grads([ddp])
         res[f"tp2_sp{int(sp)}"] = {
-            "logits": _gather_tp_logits(logits.detach())[..., :V],
+            "logits": gather_tp_logits(logits.detach())[..., :V],
             "loss": loss.detach(),
             "grads": full_state_dict(model, V, grads=True),
             "norm": grad_norm(model.parameters()),
         }
 
     # PP=2 through Megatron's 1F1B schedule with 2 micro-batches.
-    loss, grads, norm = _pp_loss_and_grads(cfg, full, tokens, labels)
-    res["pp2"] = {"loss": loss, "grads": grads, "norm": norm}
+    model = build(cfg, pp=2)
+    load_full_state_dict(model, full)
+    loss = schedule_loss(wrap_ddp(model), tokens, labels, micro_batch_size=2)
+    res["pp2"] = {"loss": loss, "grads": full_state_dict(model, V, grads=True), "norm": grad_norm(model.parameters())}
 
     # DP=2 through Megatron's DDP: each rank a half batch, gradients averaged over DP.
-    model = _build(cfg)
+    model = build(cfg)
     load_full_state_dict(model, full)
-    ddp = _wrap_ddp(cfg, model)
+    ddp = wrap_ddp(model)
     ddp.zero_grad_buffer()
     half = slice(2 * rank, 2 * rank + 2)
-    loss = _loss(ddp(tokens[half], _positions(tokens[half]), None), labels[half])
+    loss = ce_loss(ddp(tokens[half], positions(tokens[half]), None), labels[half])
     loss.backward()
     ddp.finish_grad_sync()
-    dist.all_reduce(loss.detach(), op=dist.ReduceOp.SUM)
     res["dp2"] = {"grads": full_state_dict(model, V, grads=True), "norm": grad_norm(model.parameters())}
     return ref, res
 

@@ -1,0 +1,110 @@
+"""Counter-based Gaussian noise: xi[row, b, j] is a pure function of (key, global position).
+
+Why not ``torch.randn`` with a seeded generator: the ALP noise must be *the same numbers* whatever
+the parallel layout (ALGORITHMS.md section 1: under sequence/context parallelism each rank draws
+its own slice of one global noise tensor, ideally the values the TP=1 run draws), and it must be
+regenerated exactly in the backward pass and under activation recomputation instead of being
+stored. A stateful generator's stream depends on how much was drawn before; a counter-based one
+does not. Each pair of elements (2m, 2m+1) of the flattened global tensor [S, B, H] hashes its
+index m with the key (murmur3's 32-bit finaliser, int32 arithmetic that wraps), splits the 32 bits
+into two 16-bit uniforms and applies Box-Muller, emitting the cosine and sine outputs. Tails are
+truncated at sqrt(-2 ln(2^-17)) = 4.85 sigma (mass beyond: 1.2e-6); mean, variance and the
+fraction within one sigma are tested in tests/unit/test_alp.py.
+
+(The counter-based idea is Philox's, Salmon et al. 2011; the finaliser is MurmurHash3's fmix32.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+_M1 = -2048144789  # 0x85EBCA6B as a signed int32
+_M2 = -1028477387  # 0xC2B2AE35 as a signed int32
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3 finaliser on int32 tensors (logical shifts via masks; multiplications wrap)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _M1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _M2
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _fmix32_int(h: int) -> int:
+    h &= _MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def derive_key(*parts: int) -> int:
+    """A 32-bit key from integers (base seed, step, micro-batch, layer, DP rank, ...)."""
+    h = 0x9E3779B9
+    for p in parts:
+        h = _fmix32_int(h ^ _fmix32_int(int(p) & _MASK32) ^ ((int(p) >> 32) & _MASK32))
+    # As a signed int32 so it can be xor-ed with int32 tensors.
+    return h - (1 << 32) if h >= (1 << 31) else h
+
+
+def _normals_for_pairs(pair_index: torch.Tensor, key: int) -> torch.Tensor:
+    """Two normals per pair index, interleaved: shape [..., 2]."""
+    a = _fmix32(pair_index ^ key)
+    u1 = (a & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
+    theta = ((a >> 16) & 0xFFFF).to(torch.float32).mul_(2.0 * math.pi / 65536.0)
+    r = torch.log(u1).mul_(-2.0).sqrt_()
+    return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1)
+
+
+def gaussian_rows(rows: torch.Tensor, row_size: int, key: int, total_rows: int) -> torch.Tensor:
+    """Noise for the given global rows of a [total_rows, row_size] tensor: [len(rows), row_size], fp32.
+
+    ``rows`` is an int64 tensor of global row indices (sequence positions). ``row_size`` (= B x H)
+    must be even. The values do not depend on which other rows are asked for.
+    """
+    if row_size % 2:
+        raise ValueError(f"ALP noise needs an even row size (micro-batch x hidden), got {row_size}")
+    half = row_size // 2
+    # Pair index m = row * half + k, reduced to 32 bits (wraps for tensors beyond 2^32 pairs,
+    # folding the high bits into the key-mixed hash so distinct positions stay distinct).
+    base = rows.to(torch.int64)[:, None] * half + torch.arange(half, dtype=torch.int64, device=rows.device)
+    lo = (base & _MASK32).to(torch.int32) if base.numel() else base.to(torch.int32)
+    hi = (base >> 32).to(torch.int32)
+    # fmix32(0) == 0, so skipping the fold when no index reaches 2^32 gives the same values.
+    idx = lo ^ _fmix32(hi) if total_rows * half > _MASK32 else lo
+    return _normals_for_pairs(idx, key).reshape(len(rows), row_size)
+
+
+def global_rows(local_len: int, *, sp_rank: int = 0, sp_size: int = 1, cp_rank: int = 0, cp_size: int = 1,
+                device=None) -> torch.Tensor:
+    """Global sequence positions of this rank's local rows.
+
+    Context parallel (Megatron's load-balanced layout): the sequence is cut into 2 x cp chunks and
+    CP rank r holds chunks r and 2cp-1-r. Sequence parallel then splits the CP-local rows
+    contiguously over the TP ranks.
+    """
+    cp_local = local_len * sp_size
+    idx = torch.arange(local_len, dtype=torch.int64, device=device) + sp_rank * local_len  # CP-local rows
+    if cp_size == 1:
+        return idx
+    if cp_local % 2:
+        raise ValueError(f"context parallel needs an even CP-local length, got {cp_local}")
+    chunk = cp_local // 2
+    first = idx < chunk
+    return torch.where(first, cp_rank * chunk + idx, (2 * cp_size - 1 - cp_rank) * chunk + (idx - chunk))
+
+
+def noise_like(h: torch.Tensor, rows: torch.Tensor, key: int, total_rows: int) -> torch.Tensor:
+    """fp32 noise shaped like ``h`` ([s_local, *rest]) for the given global rows."""
+    row_size = math.prod(h.shape[1:])
+    return gaussian_rows(rows, row_size, key, total_rows).reshape(h.shape)
+
+
+def chunks(n: int, rows_per_chunk: int) -> Sequence[slice]:
+    return [slice(i, min(n, i + rows_per_chunk)) for i in range(0, n, max(1, rows_per_chunk))]
