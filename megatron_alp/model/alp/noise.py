@@ -5,9 +5,10 @@ the parallel layout (ALGORITHMS.md section 1: under sequence/context parallelism
 its own slice of one global noise tensor, ideally the values the TP=1 run draws), and it must be
 regenerated exactly in the backward pass and under activation recomputation instead of being
 stored. A stateful generator's stream depends on how much was drawn before; a counter-based one
-does not. Each pair of elements (2m, 2m+1) of the flattened global tensor [S, B, H] hashes its
-index m with the key (murmur3's 32-bit finaliser, int32 arithmetic that wraps), splits the 32 bits
-into two 16-bit uniforms and applies Box-Muller, emitting the cosine and sine outputs. Tails are
+does not. Each row (sequence position) of the global tensor [S, B x H] is cut into two halves;
+the pair (k, k + BH/2) of row s hashes its index m = s * BH/2 + k with the key (murmur3's 32-bit
+finaliser, int32 arithmetic that wraps), splits the 32 bits into two 16-bit uniforms and applies
+Box-Muller, emitting the cosine output at k and the sine output at k + BH/2. Tails are
 truncated at sqrt(-2 ln(2^-17)) = 4.85 sigma (mass beyond: 1.2e-6); mean, variance and the
 fraction within one sigma are tested in tests/unit/test_alp.py.
 
@@ -27,12 +28,12 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3 finaliser on int32 tensors (logical shifts via masks; multiplications wrap)."""
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * _M1
-    h = h ^ ((h >> 13) & 0x7FFFF)
-    h = h * _M2
-    return h ^ ((h >> 16) & 0xFFFF)
+    """murmur3 finaliser on int32 tensors, in place (logical shifts via masks; products wrap)."""
+    h.bitwise_xor_((h >> 16).bitwise_and_(0xFFFF))
+    h.mul_(_M1)
+    h.bitwise_xor_((h >> 13).bitwise_and_(0x7FFFF))
+    h.mul_(_M2)
+    return h.bitwise_xor_((h >> 16).bitwise_and_(0xFFFF))
 
 
 def _fmix32_int(h: int) -> int:
@@ -53,32 +54,31 @@ def derive_key(*parts: int) -> int:
     return h - (1 << 32) if h >= (1 << 31) else h
 
 
-def _normals_for_pairs(pair_index: torch.Tensor, key: int) -> torch.Tensor:
-    """Two normals per pair index, interleaved: shape [..., 2]."""
-    a = _fmix32(pair_index ^ key)
-    u1 = (a & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
-    theta = ((a >> 16) & 0xFFFF).to(torch.float32).mul_(2.0 * math.pi / 65536.0)
-    r = torch.log(u1).mul_(-2.0).sqrt_()
-    return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1)
-
-
 def gaussian_rows(rows: torch.Tensor, row_size: int, key: int, total_rows: int) -> torch.Tensor:
     """Noise for the given global rows of a [total_rows, row_size] tensor: [len(rows), row_size], fp32.
 
     ``rows`` is an int64 tensor of global row indices (sequence positions). ``row_size`` (= B x H)
-    must be even. The values do not depend on which other rows are asked for.
+    must be even. The values do not depend on which other rows are asked for. Elements k and
+    k + row_size/2 of a row come from one hash: the Box-Muller cosine and sine outputs.
     """
     if row_size % 2:
         raise ValueError(f"ALP noise needs an even row size (micro-batch x hidden), got {row_size}")
     half = row_size // 2
-    # Pair index m = row * half + k, reduced to 32 bits (wraps for tensors beyond 2^32 pairs,
-    # folding the high bits into the key-mixed hash so distinct positions stay distinct).
-    base = rows.to(torch.int64)[:, None] * half + torch.arange(half, dtype=torch.int64, device=rows.device)
-    lo = (base & _MASK32).to(torch.int32) if base.numel() else base.to(torch.int32)
-    hi = (base >> 32).to(torch.int32)
-    # fmix32(0) == 0, so skipping the fold when no index reaches 2^32 gives the same values.
-    idx = lo ^ _fmix32(hi) if total_rows * half > _MASK32 else lo
-    return _normals_for_pairs(idx, key).reshape(len(rows), row_size)
+    if total_rows * half < 2**31:
+        # Pair index m = row * half + k fits int32 without wrapping.
+        idx = rows.to(torch.int32)[:, None] * half + torch.arange(half, dtype=torch.int32, device=rows.device)
+    else:
+        # Beyond 2^31 pairs: fold the high bits through the hash so distinct pairs stay distinct.
+        base = rows.to(torch.int64)[:, None] * half + torch.arange(half, dtype=torch.int64, device=rows.device)
+        idx = (base & _MASK32).to(torch.int32).bitwise_xor_(_fmix32((base >> 32).to(torch.int32)))
+    a = _fmix32(idx.bitwise_xor_(key))
+    u1 = (a & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
+    theta = (a >> 16).bitwise_and_(0xFFFF).to(torch.float32).mul_(2.0 * math.pi / 65536.0)
+    r = u1.log_().mul_(-2.0).sqrt_()
+    out = torch.empty(rows.shape[0], row_size, dtype=torch.float32, device=rows.device)
+    torch.mul(r, torch.cos(theta), out=out[:, :half])
+    torch.mul(r, theta.sin_(), out=out[:, half:])
+    return out
 
 
 def global_rows(local_len: int, *, sp_rank: int = 0, sp_size: int = 1, cp_rank: int = 0, cp_size: int = 1,
