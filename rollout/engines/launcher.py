@@ -1,0 +1,204 @@
+"""Start server processes, wait for /health, stop them by pid (on exit and on signals).
+
+Each server runs in its own session (``start_new_session``), so stopping it signals its whole
+process group (SGLang spawns scheduler and detokenizer children) and nothing else. Every started
+server is registered; an ``atexit`` hook and SIGTERM/SIGINT handlers (chained to the previous
+handlers) stop what is still running. Nothing here searches processes by name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from typing import Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+_REGISTRY: Dict[int, "ServerProcess"] = {}
+_LOCK = threading.Lock()
+_HOOKS_INSTALLED = False
+
+
+class LaunchError(RuntimeError):
+    """A server did not become healthy; the message carries the tail of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def redact(cmd: Sequence[str]) -> List[str]:
+    """The command with the value of ``--api-key`` hidden (for logs)."""
+    out = list(cmd)
+    for i, tok in enumerate(out[:-1]):
+        if tok == "--api-key":
+            out[i + 1] = "***"
+    return out
+
+
+def log_tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except OSError as e:
+        return f"<no log: {e}>"
+
+
+class ServerProcess:
+    """One launched server: ``cmd`` writes to ``log_path`` and serves ``url``."""
+
+    def __init__(self, cmd: Sequence[str], url: str, log_path: str, *, env: Optional[Dict[str, str]] = None,
+                 name: str = "server", health_path: str = "/health", api_key: Optional[str] = None):
+        self.cmd = list(cmd)
+        self.url = url.rstrip("/")
+        self.log_path = log_path
+        self.env = env
+        self.name = name
+        self.health_path = health_path
+        self.api_key = api_key
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> "ServerProcess":
+        _install_hooks()
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        env = dict(os.environ)
+        env.update(self.env or {})
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(redact(self.cmd))}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        with _LOCK:
+            _REGISTRY[self.proc.pid] = self
+        logger.info("%s started (pid %d) for %s; log: %s", self.name, self.proc.pid, self.url, self.log_path)
+        return self
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        req = urllib.request.Request(self.url + self.health_path)
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout_s: float, poll_s: float = 0.25) -> "ServerProcess":
+        """Poll /health until 200; fail early if the process exits, or after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                code = self.proc.returncode
+                self._forget()
+                raise LaunchError(f"{self.name} (pid {self.proc.pid}) exited with code {code} before "
+                                  f"{self.url} became healthy; last lines of {self.log_path}:\n"
+                                  f"{log_tail(self.log_path)}")
+            if self.healthy():
+                logger.info("%s at %s is healthy", self.name, self.url)
+                return self
+            if time.monotonic() > deadline:
+                tail = log_tail(self.log_path)
+                self.stop()
+                raise LaunchError(f"{self.name} at {self.url} not healthy after {timeout_s:.0f} s; "
+                                  f"last lines of {self.log_path}:\n{tail}")
+            time.sleep(poll_s)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the server's process group, SIGKILL it after ``grace_s``."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self._forget()
+            return
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)  # its own session: pgid == pid
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        logger.info("%s (pid %d) stopped", self.name, proc.pid)
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group at once (fault injection in tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.proc is not None:
+            with _LOCK:
+                _REGISTRY.pop(self.proc.pid, None)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_all() -> None:
+    """Stop every server this process launched and has not stopped yet."""
+    with _LOCK:
+        servers = list(_REGISTRY.values())
+    for s in servers:
+        try:
+            s.stop(grace_s=5.0)
+        except Exception as e:  # keep stopping the others
+            logger.error("stopping %s failed: %s", s.name, e)
+
+
+def _install_hooks() -> None:
+    global _HOOKS_INSTALLED
+    if _HOOKS_INSTALLED:
+        return
+    _HOOKS_INSTALLED = True
+    atexit.register(stop_all)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; atexit still applies
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            stop_all()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        signal.signal(sig, handler)
+
+
+def start_all(servers: List[ServerProcess], timeout_s: float) -> List[ServerProcess]:
+    """Start all servers, then wait for each (they boot in parallel); stop all on any failure."""
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_healthy(timeout_s)
+    except BaseException:
+        for s in servers:
+            s.stop(grace_s=5.0)
+        raise
+    return servers

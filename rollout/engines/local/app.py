@@ -1,0 +1,166 @@
+"""aiohttp routes of the local engine (request bodies and answers as in SGLang 0.5.23)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Dict
+
+from aiohttp import web
+
+from ..protocol import SGLANG_VERSION
+from .server import BadRequest, LocalEngine, _authorized, _json
+
+logger = logging.getLogger(__name__)
+
+ENGINE = web.AppKey("engine", LocalEngine)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler):
+    engine = request.app[ENGINE]
+    if not _authorized(engine, request):
+        return web.json_response({"error": "unauthorized"}, status=401)
+    try:
+        return await handler(request)
+    except BadRequest as e:
+        return web.json_response({"error": {"message": str(e), "type": "invalid_request_error"}}, status=400)
+
+
+async def generate(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return web.json_response(await engine.generate(await _json(request)))
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if engine.scheduler.paused:
+        return web.Response(status=200)  # alive; generation is deliberately held
+    body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+    try:
+        await asyncio.wait_for(engine.generate(body), timeout=20)
+    except Exception as e:
+        logger.error("health_generate failed: %s", e)
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def model_info(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    cfg = engine.model.config
+    return web.json_response({
+        "model_path": engine.model.model_path, "tokenizer_path": engine.model.model_path,
+        "served_model_name": engine.info.get("served_model_name", engine.model.model_path),
+        "is_generation": True, "preferred_sampling_params": None,
+        "weight_version": engine.weight_version, "load_format": "safetensors",
+        "model_type": getattr(cfg, "model_type", None), "architectures": getattr(cfg, "architectures", None),
+    })
+
+
+async def server_info(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    state: Dict[str, Any] = dict(engine.scheduler.stats)
+    state.update(engine.scheduler.load())
+    state["paused"] = engine.scheduler.paused
+    return web.json_response({
+        **engine.info, "model_path": engine.model.model_path, "precision": engine.model.precision,
+        "version": f"local-engine (SGLang {SGLANG_VERSION} protocol subset)", "frontend": "rollout.engines.local",
+        "startup_time": engine.started, "internal_states": [state],
+    })
+
+
+async def update_weights_from_disk(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = await _json(request)
+    path = body.get("model_path")
+    if not isinstance(path, str) or not os.path.isdir(path):
+        return web.json_response({"success": False, "message": f"model_path {path!r} is not a directory",
+                                  "num_paused_requests": 0}, status=400)
+    if body.get("load_format") not in (None, "auto", "safetensors"):
+        return web.json_response({"success": False, "num_paused_requests": 0,
+                                  "message": f"load_format {body['load_format']!r} is not supported"}, status=400)
+    if body.get("abort_all_requests"):
+        engine.scheduler.abort(abort_all=True)
+    try:
+        n = await asyncio.to_thread(engine.scheduler.exclusive, lambda: engine.model.load_weights_from_dir(path))
+    except Exception as e:
+        logger.error("update_weights_from_disk(%s) failed: %s", path, e)
+        return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}",
+                                  "num_paused_requests": 0}, status=400)
+    message = f"Succeeded to update model weights ({n} tensors from {path})."
+    if body.get("weight_version") is not None:
+        engine.weight_version = str(body["weight_version"])
+        message += f" Weight version updated to {engine.weight_version}."
+    logger.info(message)
+    return web.json_response({"success": True, "message": message, "num_paused_requests": 0})
+
+
+async def update_weight_version(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = await _json(request)
+    if "new_version" not in body:
+        raise BadRequest("new_version is required")
+    if body.get("abort_all_requests", True):
+        engine.scheduler.abort(abort_all=True)
+    engine.weight_version = str(body["new_version"])
+    return web.json_response({"success": True, "message": f"weight version is {engine.weight_version}"})
+
+
+async def pause_generation(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    mode = (await _json(request)).get("mode", "abort")
+    if mode not in ("abort", "retract", "in_place"):
+        raise BadRequest(f"mode must be abort, retract or in_place, got {mode!r}")
+    await asyncio.to_thread(engine.scheduler.pause, mode)
+    return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+
+async def continue_generation(request: web.Request) -> web.Response:
+    request.app[ENGINE].scheduler.resume()
+    return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    body = await _json(request)
+    request.app[ENGINE].scheduler.abort(body.get("rid") or None, abort_all=bool(body.get("abort_all")))
+    return web.Response(status=200)
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    return web.Response(text="Cache flushed.\n")  # no prefix cache to flush
+
+
+def build_app(engine: LocalEngine) -> web.Application:
+    app = web.Application(middlewares=[_guard], client_max_size=64 * 1024 * 1024)
+    app[ENGINE] = engine
+    r = app.router
+    r.add_route("POST", "/generate", generate)
+    r.add_route("PUT", "/generate", generate)
+    r.add_get("/health", health)
+    r.add_get("/health_generate", health_generate)
+    for path in ("/model_info", "/get_model_info"):
+        r.add_get(path, model_info)
+    for path in ("/server_info", "/get_server_info"):
+        r.add_get(path, server_info)
+    r.add_post("/update_weights_from_disk", update_weights_from_disk)
+    r.add_post("/update_weight_version", update_weight_version)
+    r.add_post("/pause_generation", pause_generation)
+    r.add_post("/continue_generation", continue_generation)
+    r.add_post("/abort_request", abort_request)
+    r.add_get("/flush_cache", flush_cache)
+    r.add_post("/flush_cache", flush_cache)
+
+    async def _abort_all(app: web.Application) -> None:
+        engine.scheduler.abort(abort_all=True)  # in-flight handlers answer 'abort' and return
+
+    async def _close(app: web.Application) -> None:
+        await asyncio.to_thread(engine.scheduler.close)
+
+    app.on_shutdown.append(_abort_all)
+    app.on_cleanup.append(_close)
+    return app

@@ -1,0 +1,257 @@
+"""The local engine's model: loading, precision, batched prefill/decode with a shared KV cache.
+
+Rows of a batch are left-padded; each row keeps its own RoPE positions (``position_ids``) and a
+2-D attention mask, so sequences of different lengths decode together and new requests can join
+a running batch (their KV cache is left-padded to the batch's length and concatenated). Finished
+rows leave the batch (``batch_select_indices``) and all-padding columns are trimmed.
+
+Log-probs follow SGLang: ``log_softmax(logits / T)`` of the full vocabulary in fp32, *before*
+top-k / top-p / min-p filtering; greedy requests (T ~ 0) use T = 1 for the log-prob.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set
+
+import torch
+
+from .fp8 import apply_fp8_emulation, dequantize_fp8_state, requantize_weights
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+GREEDY_EPS = 1e-6
+
+
+@dataclass
+class Request:
+    """One sequence being generated (a /generate item)."""
+
+    rid: str
+    input_ids: List[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop_ids: Set[int] = field(default_factory=set)
+    stop_strs: List[str] = field(default_factory=list)
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    generator: Optional[torch.Generator] = None
+    output_ids: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[list] = field(default_factory=list)
+    input_logprobs: List[list] = field(default_factory=list)
+    finish: Optional[Dict[str, Any]] = None
+    matched_str: Optional[str] = None
+
+
+@dataclass
+class Batch:
+    """Rows decoding together: their requests, KV cache, mask, next positions and pending tokens."""
+
+    reqs: List[Request]
+    cache: Any
+    mask: torch.Tensor  # [B, S] 1 = real token
+    pos: torch.Tensor  # [B] position of the pending token
+    pending: torch.Tensor  # [B] last sampled token, not yet fed
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+
+class LocalModel:
+    """An HF causal LM held for generation (no grad), with the engine's precision applied."""
+
+    def __init__(self, model_path: str, precision: str = "fp32", seed: int = 0):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        self._cache_cls = DynamicCache
+        self.model_path = model_path
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+        self.model.requires_grad_(False)
+        self.config = self.model.config
+        self.vocab_size = int(self.config.vocab_size)
+        self.max_len = int(getattr(self.config, "max_position_embeddings", 4096))
+        self.fp8_names = apply_fp8_emulation(self.model) if precision == "fp8" else []
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception as e:  # a checkpoint without tokenizer serves input_ids only
+            logger.warning("no tokenizer in %s (%s): text and stop strings are unavailable", model_path, e)
+            self.tokenizer = None
+        self.eos_ids = self._eos_ids()
+        self.generator = torch.Generator().manual_seed(seed)
+        logger.info("loaded %s (%s, vocab %d, eos %s)", model_path, precision, self.vocab_size, sorted(self.eos_ids))
+
+    def _eos_ids(self) -> Set[int]:
+        ids: Set[int] = set()
+        for src in (self.config, getattr(self.model, "generation_config", None)):
+            eos = getattr(src, "eos_token_id", None)
+            if eos is not None:
+                ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        return {int(i) for i in ids}
+
+    # -- weights ---------------------------------------------------------------------------
+    def load_weights_from_dir(self, path: str) -> int:
+        """Load every ``*.safetensors`` of ``path`` into the model (names and shapes must match)."""
+        from safetensors.torch import load_file
+
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors file in {path}")
+        tensors: Dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(f))
+        tensors = dequantize_fp8_state(tensors)
+        params = self.model.state_dict()
+        unknown = [n for n in tensors if n not in params]
+        if unknown:
+            raise KeyError(f"{len(unknown)} tensor(s) not in the model, e.g. {unknown[:3]}")
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t.to(params[name].dtype))
+        if self.fp8_names:
+            requantize_weights(self.model, self.fp8_names)
+        return len(tensors)
+
+    # -- forward and sampling --------------------------------------------------------------
+    def _forward(self, ids, mask, pos, cache, all_logits: bool = False) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits.float()
+
+    def _sample(self, logits: torch.Tensor, reqs: List[Request]) -> List[int]:
+        """Sample one token per row; record log-probs with SGLang's semantics."""
+        temps = torch.tensor([r.temperature if r.temperature > GREEDY_EPS else 1.0 for r in reqs])
+        logp = torch.log_softmax(logits / temps[:, None], dim=-1)
+        tokens = []
+        for i, r in enumerate(reqs):
+            if r.temperature <= GREEDY_EPS or r.top_k == 1:
+                tok = int(torch.argmax(logits[i]))
+            else:
+                probs = logp[i].exp()
+                if 0 < r.top_k < probs.numel():
+                    kth = torch.topk(probs, r.top_k).values[-1]
+                    probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+                if r.top_p < 1.0:
+                    sp, idx = torch.sort(probs, descending=True)
+                    cum = torch.cumsum(sp, 0) / sp.sum()
+                    drop = (cum - sp / sp.sum()) >= r.top_p  # keep the smallest prefix reaching top_p
+                    probs = probs.scatter(0, idx[drop], 0.0)
+                if r.min_p > 0.0:
+                    probs = torch.where(probs >= r.min_p * probs.max(), probs, torch.zeros_like(probs))
+                tok = int(torch.multinomial(probs, 1, generator=r.generator or self.generator))
+            tokens.append(tok)
+            if r.return_logprob:
+                r.logprobs.append(float(logp[i, tok]))
+                if r.top_logprobs_num > 0:
+                    v, ix = torch.topk(logp[i], min(r.top_logprobs_num, logp.shape[-1]))
+                    r.top_logprobs.append([[float(a), int(b), None] for a, b in zip(v, ix)])
+        return tokens
+
+    def _append(self, r: Request, tok: int) -> None:
+        r.output_ids.append(tok)
+        if tok in r.stop_ids:
+            r.finish = {"type": "stop", "matched": tok}
+        elif r.stop_strs and self.tokenizer is not None:
+            tail = self.tokenizer.decode(r.output_ids[-64:], skip_special_tokens=False)
+            hit = next((s for s in r.stop_strs if s in tail), None)
+            if hit is not None:
+                r.finish, r.matched_str = {"type": "stop", "matched": hit}, hit
+        if r.finish is None and len(r.output_ids) >= r.max_new_tokens:
+            r.finish = {"type": "length", "length": r.max_new_tokens}
+        if r.finish is None and len(r.input_ids) + len(r.output_ids) >= self.max_len:
+            r.finish = {"type": "length", "length": len(r.output_ids)}
+
+    @torch.no_grad()
+    def prefill(self, reqs: List[Request]) -> Batch:
+        """Run the prompts of ``reqs`` (left-padded) and sample their first tokens."""
+        lens = [len(r.input_ids) for r in reqs]
+        width = max(lens)
+        ids = torch.zeros(len(reqs), width, dtype=torch.long)
+        mask = torch.zeros(len(reqs), width, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - lens[i]:] = torch.tensor(r.input_ids)
+            mask[i, width - lens[i]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        want_input = any(r.return_logprob and r.logprob_start_len >= 0 for r in reqs)
+        cache = self._cache_cls()
+        logits = self._forward(ids, mask, pos, cache, all_logits=want_input)
+        if want_input:
+            self._input_logprobs(logits, reqs, lens, width)
+        toks = self._sample(logits[:, -1], reqs)
+        for r, t in zip(reqs, toks):
+            if r.max_new_tokens <= 0:  # prompt log-probs only
+                r.logprobs.clear()
+                r.top_logprobs.clear()
+                r.finish = {"type": "length", "length": 0}
+            else:
+                self._append(r, t)
+        return Batch(reqs, cache, mask, torch.tensor(lens), torch.tensor(toks))
+
+    def _input_logprobs(self, logits, reqs, lens, width) -> None:
+        for i, r in enumerate(reqs):
+            if not (r.return_logprob and r.logprob_start_len >= 0):
+                continue
+            temp = r.temperature if r.temperature > GREEDY_EPS else 1.0
+            lp = torch.log_softmax(logits[i, width - lens[i]:] / temp, dim=-1)
+            start = min(r.logprob_start_len, lens[i] - 1)
+            r.input_logprobs = [[None if j == 0 else float(lp[j - 1, r.input_ids[j]]), r.input_ids[j], None]
+                                for j in range(start, lens[i])]
+
+    @torch.no_grad()
+    def decode(self, b: Batch) -> None:
+        """Feed every row's pending token and sample the next one."""
+        b.mask = torch.cat([b.mask, torch.ones(len(b), 1, dtype=b.mask.dtype)], dim=1)
+        logits = self._forward(b.pending[:, None], b.mask, b.pos[:, None], b.cache)
+        toks = self._sample(logits[:, -1], b.reqs)
+        for r, t in zip(b.reqs, toks):
+            self._append(r, t)
+        b.pos = b.pos + 1
+        b.pending = torch.tensor(toks)
+
+    def merge(self, a: Optional[Batch], b: Batch) -> Batch:
+        """Concatenate two batches (the shorter KV cache is left-padded)."""
+        if a is None or not len(a):
+            return b
+        sa, sb = a.mask.shape[1], b.mask.shape[1]
+        width = max(sa, sb)
+
+        def lpad(x: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - x.shape[dim]
+            if not missing:
+                return x
+            shape = list(x.shape)
+            shape[dim] = missing
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        data = [(torch.cat([lpad(la.keys, 2), lpad(lb.keys, 2)]), torch.cat([lpad(la.values, 2), lpad(lb.values, 2)]))
+                for la, lb in zip(a.cache.layers, b.cache.layers)]
+        return Batch(a.reqs + b.reqs, self._cache_cls(ddp_cache_data=data),
+                     torch.cat([lpad(a.mask, 1), lpad(b.mask, 1)]),
+                     torch.cat([a.pos, b.pos]), torch.cat([a.pending, b.pending]))
+
+    def keep(self, b: Batch, rows: List[int]) -> Batch:
+        """The batch restricted to ``rows``, with all-padding leading columns trimmed."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        b.cache.batch_select_indices(idx)
+        mask = b.mask[idx]
+        first = int((mask.sum(0) > 0).nonzero()[0]) if mask.any() else 0
+        if first:
+            mask = mask[:, first:]
+            for layer in b.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        return Batch([b.reqs[i] for i in rows], b.cache, mask, b.pos[idx], b.pending[idx])

@@ -1,0 +1,242 @@
+"""Many engines behind one `generate`: balancing, health, failover, pause/update/continue.
+
+- Balancing: least outstanding requests (ties broken round-robin), or everything through an
+  `sglang_router` when one is configured (the router does not forward weight-update endpoints, so
+  control calls always go to each server directly).
+- Failover: a request whose engine becomes unreachable (after the client's retries) or answers
+  with a server error (5xx) triggers a health probe; a dead engine is dropped from rotation and the request is re-issued to another
+  one. With no live engine left, :class:`FleetExhausted` names every engine and its last error.
+- Weight updates: new requests wait, every engine is paused, updated, checked to report the new
+  `weight_version`, and continued. Requests that the pause aborted (finish reason `abort`) are
+  re-issued once generation continues, so callers only ever see complete samples.
+  (The pause/update/continue sequence is how slime and verl drive SGLang; the code is ours.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+from .config import ClientConfig
+from .engines.client import EngineClient
+from .engines.protocol import EngineError, EngineHTTPError, EngineUnavailable, GenerateOutput
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class FleetExhausted(RuntimeError):
+    """No engine is left to serve a request."""
+
+
+class WeightUpdateError(RuntimeError):
+    """A weight update failed on at least one engine; ``errors`` maps engine URL -> message."""
+
+    def __init__(self, version: Optional[str], errors: Dict[str, str]):
+        detail = "; ".join(f"{url}: {msg}" for url, msg in errors.items())
+        super().__init__(f"weight update to version {version} failed on {len(errors)} engine(s): {detail}")
+        self.errors = errors
+
+
+@dataclass
+class _Engine:
+    client: EngineClient
+    outstanding: int = 0
+    alive: bool = True
+    served: int = 0
+    last_error: str = ""
+    consecutive_failures: int = 0
+
+
+class Fleet:
+    """A pool of engine clients. ``generate`` has the same signature as ``EngineClient.generate``."""
+
+    def __init__(self, clients: Sequence[EngineClient], *, router: Optional[EngineClient] = None,
+                 max_concurrent: int = 512, probe_timeout_s: float = 5.0, max_abort_retries: int = 8):
+        if not clients:
+            raise ValueError("a fleet needs at least one engine")
+        self._engines = [_Engine(c) for c in clients]
+        self._router = router
+        self._sem = asyncio.Semaphore(max_concurrent)
+        self._probe_timeout_s = probe_timeout_s
+        self._max_abort_retries = max_abort_retries
+        self._rr = itertools.count()
+        self._running = asyncio.Event()
+        self._running.set()
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], *, api_key: Optional[str] = None,
+                  client_config: Optional[ClientConfig] = None, router_url: Optional[str] = None,
+                  max_concurrent: int = 512) -> "Fleet":
+        cfg = client_config or ClientConfig()
+        clients = [EngineClient(u, api_key=api_key, config=cfg) for u in urls]
+        router = EngineClient(router_url, api_key=api_key, config=cfg) if router_url else None
+        return cls(clients, router=router, max_concurrent=max_concurrent)
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def urls(self) -> List[str]:
+        return [e.client.url for e in self._engines]
+
+    @property
+    def live_urls(self) -> List[str]:
+        return [e.client.url for e in self._engines if e.alive]
+
+    def stats(self) -> Dict[str, Dict[str, Any]]:
+        return {e.client.url: {"alive": e.alive, "outstanding": e.outstanding, "served": e.served,
+                               "last_error": e.last_error} for e in self._engines}
+
+    async def close(self) -> None:
+        for e in self._engines:
+            await e.client.close()
+        if self._router is not None:
+            await self._router.close()
+
+    async def __aenter__(self) -> "Fleet":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- generation ------------------------------------------------------------------------
+    def _pick(self, avoid: Optional[_Engine]) -> _Engine:
+        live = [e for e in self._engines if e.alive]
+        if not live:
+            detail = "; ".join(f"{e.client.url} ({e.last_error or 'dead'})" for e in self._engines)
+            raise FleetExhausted(f"no live rollout engine left out of {len(self._engines)}: {detail}")
+        if avoid is not None and len(live) > 1:
+            live = [e for e in live if e is not avoid]
+        low = min(e.outstanding for e in live)
+        best = [e for e in live if e.outstanding == low]
+        return best[next(self._rr) % len(best)]
+
+    async def _on_failure(self, eng: _Engine, err: EngineError) -> None:
+        eng.last_error = str(err)
+        eng.consecutive_failures += 1
+        if not eng.alive:
+            return
+        # A dead engine fails its health probe; a live one that keeps failing requests is dropped too.
+        if eng.consecutive_failures >= MAX_CONSECUTIVE_FAILURES or \
+                not await eng.client.health(timeout_s=self._probe_timeout_s):
+            if eng.alive:
+                eng.alive = False
+                logger.error("rollout engine %s leaves the fleet (%d live) after %d failed request(s): %s",
+                             eng.client.url, len(self.live_urls), eng.consecutive_failures, err)
+
+    async def generate(self, input_ids: Sequence[int], params: Dict[str, Any], *,
+                       rid: Optional[str] = None, return_logprob: bool = True) -> GenerateOutput:
+        """Generate on the least-loaded live engine; fail over and re-issue as needed."""
+        async with self._sem:
+            aborts, failures, avoid = 0, 0, None
+            while True:
+                await self._running.wait()
+                if self._router is not None:
+                    out = await self._router.generate(input_ids, params, rid=rid, return_logprob=return_logprob)
+                else:
+                    eng = self._pick(avoid)
+                    eng.outstanding += 1
+                    try:
+                        out = await eng.client.generate(input_ids, params, rid=rid, return_logprob=return_logprob)
+                    except (EngineUnavailable, EngineHTTPError) as e:
+                        if isinstance(e, EngineHTTPError) and e.status < 500:
+                            raise  # the request is at fault, not the engine
+                        await self._on_failure(eng, e)
+                        failures += 1
+                        if failures > 2 * len(self._engines):
+                            raise FleetExhausted(f"request failed on {failures} attempts; last: {e}") from e
+                        avoid = eng
+                        logger.warning("re-issuing a request that failed on %s", eng.client.url)
+                        continue
+                    finally:
+                        eng.outstanding -= 1
+                    eng.served += 1
+                    eng.consecutive_failures = 0
+                if out.finish_reason == "abort" and aborts < self._max_abort_retries:
+                    # Aborted by a pause (weight update) or an operator: re-issue after it.
+                    aborts += 1
+                    await asyncio.sleep(0)
+                    continue
+                return out
+
+    # -- health ----------------------------------------------------------------------------
+    async def check_health(self) -> Dict[str, bool]:
+        """Probe every engine (dead ones too: a restarted engine rejoins)."""
+        results = await asyncio.gather(*(e.client.health(self._probe_timeout_s) for e in self._engines))
+        for e, ok in zip(self._engines, results):
+            if ok and not e.alive:
+                logger.info("rollout engine %s answers again and rejoins the fleet", e.client.url)
+            elif not ok and e.alive:
+                logger.error("rollout engine %s fails its health check and leaves the fleet", e.client.url)
+            if ok and not e.alive:
+                e.consecutive_failures = 0
+            e.alive = ok
+        return {e.client.url: e.alive for e in self._engines}
+
+    async def wait_healthy(self, timeout_s: float = 60.0, interval_s: float = 0.5) -> None:
+        """Wait until every engine answers /health (attaching to engines that are still starting)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            status = await self.check_health()
+            if all(status.values()):
+                return
+            if loop.time() > deadline:
+                down = [u for u, ok in status.items() if not ok]
+                raise FleetExhausted(f"engines not healthy after {timeout_s:.0f} s: {down}")
+            await asyncio.sleep(interval_s)
+
+    # -- pause / update / continue ---------------------------------------------------------
+    async def _each(self, name: str, *args, **kwargs) -> Dict[str, Any]:
+        live = [e for e in self._engines if e.alive]
+        res = await asyncio.gather(*(getattr(e.client, name)(*args, **kwargs) for e in live),
+                                   return_exceptions=True)
+        return {e.client.url: r for e, r in zip(live, res)}
+
+    async def pause(self, mode: str = "abort") -> None:
+        """Hold new requests and pause every live engine (SGLang `pause_generation`)."""
+        self._running.clear()
+        errors = {u: str(r) for u, r in (await self._each("pause_generation", mode)).items()
+                  if isinstance(r, BaseException)}
+        if errors:
+            logger.error("pause_generation failed on %s", errors)
+
+    async def resume(self) -> None:
+        """Continue every live engine and release held requests."""
+        try:
+            res = await self._each("continue_generation")
+            errors = {u: str(r) for u, r in res.items() if isinstance(r, BaseException)}
+            if errors:
+                logger.error("continue_generation failed on %s", errors)
+        finally:
+            self._running.set()
+
+    async def update_weights_from_disk(self, model_path: str, weight_version: str, *,
+                                       pause_mode: str = "abort") -> None:
+        """Pause, load ``model_path`` on every live engine, verify the version, continue.
+
+        Raises :class:`WeightUpdateError` (after continuing) when any engine failed; engines
+        then disagree on the version, which every sample records. (All-or-nothing commits are the
+        checkpoint bus's job, on top of this.)
+        """
+        await self.pause(pause_mode)
+        errors: Dict[str, str] = {}
+        try:
+            res = await self._each("update_weights_from_disk", model_path, weight_version=str(weight_version))
+            errors.update({u: str(r) for u, r in res.items() if isinstance(r, BaseException)})
+            versions = await self._each("weight_version")
+            for url, v in versions.items():
+                if url not in errors and v != str(weight_version):
+                    errors[url] = f"reports weight_version {v!r} after the update"
+        finally:
+            await self.resume()
+        if errors:
+            raise WeightUpdateError(weight_version, errors)
+        logger.info("fleet: %d engine(s) at weight version %s", len(self.live_urls), weight_version)
+
+    async def weight_versions(self) -> Dict[str, Optional[str]]:
+        res = await self._each("weight_version")
+        return {u: (None if isinstance(v, BaseException) else v) for u, v in res.items()}

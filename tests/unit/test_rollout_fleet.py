@@ -1,0 +1,192 @@
+"""Fleet logic against fake engine clients: balancing, failover, exhaustion, pause/update/continue."""
+
+import asyncio
+
+import pytest
+
+from rollout.engines.protocol import EngineHTTPError, EngineUnavailable, GenerateOutput
+from rollout.fleet import Fleet, FleetExhausted, WeightUpdateError
+
+
+class FakeEngine:
+    """Duck-typed EngineClient: answers after ``delay``; can die or abort."""
+
+    def __init__(self, url, delay=0.01, dead=False):
+        self.url, self.delay, self.dead = url, delay, dead
+        self.served, self.in_flight, self.max_in_flight = 0, 0, 0
+        self.version, self.calls, self.abort_next = "0", [], 0
+        self.fail_update = False
+        self.http_error = None
+
+    async def generate(self, input_ids, params, *, rid=None, return_logprob=True):
+        if self.http_error:
+            raise EngineHTTPError(self.url, self.http_error, "scripted")
+        if self.dead:
+            raise EngineUnavailable(self.url, "connection refused")
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        if self.dead:
+            raise EngineUnavailable(self.url, "server disconnected")
+        self.served += 1
+        if self.abort_next:
+            self.abort_next -= 1
+            return GenerateOutput(self.url, [1], [-0.5], "abort", {"type": "abort"}, self.version)
+        return GenerateOutput(self.url, [1, 2], [-0.5, -0.25], "length", {"type": "length"}, self.version)
+
+    async def health(self, timeout_s=5.0):
+        return not self.dead
+
+    async def pause_generation(self, mode="abort"):
+        self.calls.append(("pause", mode))
+
+    async def continue_generation(self):
+        self.calls.append(("continue",))
+
+    async def update_weights_from_disk(self, path, *, weight_version=None, **kw):
+        self.calls.append(("update", path, weight_version))
+        if self.fail_update:
+            raise RuntimeError("disk full")
+        self.version = weight_version
+
+    async def weight_version(self):
+        return self.version
+
+    async def close(self):
+        pass
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_least_outstanding_balancing():
+    fast, slow = FakeEngine("http://fast", delay=0.01), FakeEngine("http://slow", delay=0.2)
+
+    async def main():
+        fleet = Fleet([fast, slow], max_concurrent=4)  # a steady stream of 4 requests in flight
+        await asyncio.gather(*(fleet.generate([1], {}) for _ in range(40)))
+        return fleet.stats()
+
+    stats = run(main())
+    assert fast.served + slow.served == 40
+    assert fast.served >= 4 * slow.served  # the engine with requests outstanding is avoided
+    assert stats["http://fast"]["outstanding"] == 0 and stats["http://slow"]["outstanding"] == 0
+
+
+def test_even_spread_when_equal():
+    engines = [FakeEngine(f"http://e{i}", delay=0.05) for i in range(3)]
+
+    async def main():
+        fleet = Fleet(engines)
+        await asyncio.gather(*(fleet.generate([1], {}) for _ in range(30)))
+
+    run(main())
+    assert [e.served for e in engines] == [10, 10, 10]
+    assert all(e.max_in_flight == 10 for e in engines)
+
+
+def test_engine_dying_mid_generation_is_dropped_and_requests_reissued():
+    a, b = FakeEngine("http://a", delay=0.1), FakeEngine("http://b", delay=0.02)
+
+    async def main():
+        fleet = Fleet([a, b])
+        tasks = [asyncio.ensure_future(fleet.generate([1], {})) for _ in range(20)]
+        await asyncio.sleep(0.03)
+        a.dead = True  # requests in flight on `a` fail now
+        outs = await asyncio.gather(*tasks)
+        return fleet, outs
+
+    fleet, outs = run(main())
+    assert len(outs) == 20 and all(o.finish_reason == "length" and o.output_ids == [1, 2] for o in outs)
+    assert all(o.engine == "http://b" for o in outs)
+    assert fleet.live_urls == ["http://b"] and fleet.stats()["http://a"]["alive"] is False
+
+
+def test_no_engine_left_is_a_clear_error():
+    engines = [FakeEngine("http://a", dead=True), FakeEngine("http://b", dead=True)]
+
+    async def main():
+        await Fleet(engines).generate([1], {})
+
+    with pytest.raises(FleetExhausted) as err:
+        run(main())
+    assert "no live rollout engine" in str(err.value) and "http://a" in str(err.value) and "http://b" in str(err.value)
+
+
+def test_health_check_revives_a_restarted_engine():
+    a, b = FakeEngine("http://a"), FakeEngine("http://b", dead=True)
+
+    async def main():
+        fleet = Fleet([a, b])
+        first = await fleet.check_health()
+        b.dead = False
+        return first, await fleet.check_health()
+
+    first, second = run(main())
+    assert first == {"http://a": True, "http://b": False} and second == {"http://a": True, "http://b": True}
+
+
+def test_aborted_requests_are_reissued():
+    e = FakeEngine("http://a")
+    e.abort_next = 2
+
+    async def main():
+        return await Fleet([e]).generate([1], {})
+
+    out = run(main())
+    assert out.finish_reason == "length" and e.served == 3
+
+
+def test_update_pauses_updates_verifies_continues_and_holds_new_requests():
+    engines = [FakeEngine("http://a", delay=0.05), FakeEngine("http://b", delay=0.05)]
+
+    async def main():
+        fleet = Fleet(engines)
+        update = asyncio.ensure_future(fleet.update_weights_from_disk("/ckpt/3", "3", pause_mode="retract"))
+        await asyncio.sleep(0)  # the update has paused the fleet
+        out = await fleet.generate([1], {})  # waits for continue, then runs on new weights
+        await update
+        return out, await fleet.weight_versions()
+
+    out, versions = run(main())
+    assert out.weight_version == "3" and versions == {"http://a": "3", "http://b": "3"}
+    for e in engines:
+        assert e.calls == [("pause", "retract"), ("update", "/ckpt/3", "3"), ("continue",)]
+
+
+def test_failed_update_raises_after_continuing():
+    a, b = FakeEngine("http://a"), FakeEngine("http://b")
+    b.fail_update = True
+
+    async def main():
+        fleet = Fleet([a, b])
+        with pytest.raises(WeightUpdateError) as err:
+            await fleet.update_weights_from_disk("/ckpt/4", "4")
+        out = await fleet.generate([1], {})  # the fleet is running again
+        return err.value, out
+
+    err, out = run(main())
+    assert set(err.errors) == {"http://b"} and "disk full" in str(err)
+    assert ("continue",) in b.calls and out.output_ids == [1, 2]
+
+
+def test_server_errors_fail_over_but_request_errors_propagate():
+    a, b = FakeEngine("http://a"), FakeEngine("http://b")
+    a.http_error = 500
+
+    async def main():
+        fleet = Fleet([a, b])
+        outs = [await fleet.generate([1], {}) for _ in range(8)]
+        live = fleet.live_urls
+        b.http_error = 400
+        with pytest.raises(EngineHTTPError, match="400"):
+            await fleet.generate([1], {})
+        return outs, live
+
+    outs, live = run(main())
+    assert all(o.engine == "http://b" for o in outs)
+    assert live == ["http://b"]  # `a` answers /health but failed 3 requests in a row: dropped

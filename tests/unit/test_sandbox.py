@@ -1,0 +1,180 @@
+"""The Python tool sandbox: time, memory, network and file-system limits; the caller is unharmed."""
+
+import ctypes
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from rollout.config import SandboxConfig
+from rollout.sandbox import Sandbox
+
+
+def _can_unshare_net() -> bool:
+    try:
+        out = subprocess.run([sys.executable, "-c",
+                              "import ctypes,sys; sys.exit(ctypes.CDLL(None).unshare(0x40000000))"], timeout=20)
+        return out.returncode == 0
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def listener():
+    """A TCP server of the test process on 127.0.0.1 that records connections."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    accepted = []
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                accepted.append(conn)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield srv.getsockname()[1], accepted
+    stop.set()
+    t.join()
+    for c in accepted:
+        c.close()
+    srv.close()
+
+
+CONNECT = """
+import socket
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=2)
+    print("CONNECTED")
+except Exception as e:
+    print("BLOCKED", type(e).__name__, e)
+"""
+
+
+def test_the_network_probe_connects_without_a_sandbox(listener):
+    # Control: the same code outside the sandbox does reach the listener, so the checks below can fail.
+    port, accepted = listener
+    out = subprocess.run([sys.executable, "-c", CONNECT.format(port=port)], capture_output=True, text=True, timeout=30)
+    assert "CONNECTED" in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["audit", "namespace", "auto"])
+def test_network_connection_fails(listener, mode):
+    if mode == "namespace" and not _can_unshare_net():
+        pytest.skip("no permission to create a network namespace (not root)")
+    port, accepted = listener
+    res = Sandbox(SandboxConfig(timeout_s=10, network=mode)).run_sync(CONNECT.format(port=port))
+    assert res.status == "ok", res
+    assert "BLOCKED" in res.stdout and "CONNECTED" not in res.stdout
+    time.sleep(0.3)
+    assert accepted == []
+    if mode == "namespace":
+        assert "unreachable" in res.stdout.lower() or "refused" in res.stdout.lower()
+    else:
+        assert "PermissionError" in res.stdout
+
+
+def test_infinite_loop_times_out():
+    t0 = time.monotonic()
+    res = Sandbox(SandboxConfig(timeout_s=1.0)).run_sync("print('started', flush=True)\nwhile True:\n    pass\n")
+    assert res.status == "timeout" and res.stdout.startswith("started")
+    assert time.monotonic() - t0 < 8
+
+
+def test_memory_bomb_is_stopped():
+    code = "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024 * 1024))\n"
+    res = Sandbox(SandboxConfig(timeout_s=20, memory_mb=256)).run_sync(code)
+    assert res.status == "memory", res
+    assert res.duration_s < 20
+
+
+def test_writes_outside_the_private_directory_fail(tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("original")
+    code = f"""
+import os, shutil
+for action in [
+    lambda: open({str(tmp_path / 'new.txt')!r}, "w").write("x"),
+    lambda: open({str(target)!r}, "a").write("x"),
+    lambda: os.remove({str(target)!r}),
+    lambda: os.rename({str(target)!r}, "stolen.txt"),
+    lambda: os.open({str(tmp_path / 'fd.txt')!r}, os.O_WRONLY | os.O_CREAT),
+    lambda: open("../escape.txt", "w").write("x"),
+    lambda: os.symlink("/etc/passwd", {str(tmp_path / 'link')!r}),
+    lambda: os.system("touch {tmp_path / 'sh.txt'}"),
+    lambda: __import__("subprocess").run(["touch", {str(tmp_path / 'sub.txt')!r}]),
+]:
+    try:
+        action()
+        print("ALLOWED")
+    except (PermissionError, OSError) as e:
+        print("DENIED", e)
+open("inside.txt", "w").write("mine")
+os.makedirs("sub/dir")
+print("inside ok", open("inside.txt").read(), os.path.isdir("sub/dir"))
+"""
+    res = Sandbox(SandboxConfig(timeout_s=20)).run_sync(code)
+    assert res.status == "ok", res
+    assert "ALLOWED" not in res.stdout and res.stdout.count("DENIED") == 9
+    assert "inside ok mine True" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
+    assert target.read_text() == "original"
+
+
+def test_output_is_capped_and_errors_are_reported():
+    sb = Sandbox(SandboxConfig(timeout_s=10, max_output_chars=1000))
+    res = sb.run_sync("print('x' * 100000)")
+    assert res.status == "ok" and res.truncated and len(res.stdout) == 1000
+    err = sb.run_sync("print('before')\n1/0")
+    assert err.status == "error" and err.stdout == "before\n" and "ZeroDivisionError" in err.stderr
+    assert "sandbox_child" not in err.stderr  # only the tool's own frames
+
+
+def test_the_caller_is_unharmed(tmp_path):
+    import signal
+
+    cwd, env_keys = os.getcwd(), set(os.environ)
+    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("rollout-tool-")}
+    signalled = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: signalled.append(a))
+    try:
+        sb = Sandbox(SandboxConfig(timeout_s=1, memory_mb=256))
+        results = [sb.run_sync(code) for code in (
+            "while True: pass", "x = bytearray(2 * 1024**3)",
+            "import os, signal; os.kill(os.getppid(), signal.SIGUSR1)",
+            "import os; os.chdir('/'); os.environ['PATH'] = ''")]
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert [r.status for r in results] == ["timeout", "memory", "error", "ok"]
+    assert signalled == [] and "os.kill is not allowed" in results[2].stderr
+    assert os.getcwd() == cwd and set(os.environ) == env_keys
+    big = bytearray(512 * 1024 * 1024)  # our own memory limit is untouched
+    assert len(big) == 512 * 1024 * 1024
+    del big
+    assert ctypes.sizeof(ctypes.c_int) == 4  # and so is ctypes, refused only in the child
+    after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("rollout-tool-")}
+    assert after <= before  # every private directory was removed
+
+
+def test_concurrent_runs():
+    import asyncio
+
+    sb = Sandbox(SandboxConfig(timeout_s=10, max_concurrent=3))
+
+    async def main():
+        return await asyncio.gather(*(sb.run(f"print({i} * {i})") for i in range(6)))
+
+    results = asyncio.run(main())
+    assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
