@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def wrap_ddp(model, overlap: Optional[bool] = None):
     """Megatron's DistributedDataParallel around one model chunk."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     on_gpu = torch.cuda.is_available()
     ddp_cfg = DistributedDataParallelConfig(
@@ -28,7 +28,11 @@ def wrap_ddp(model, overlap: Optional[bool] = None):
         overlap_grad_reduce=bool(on_gpu if overlap is None else overlap),
         use_distributed_optimizer=on_gpu,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+    # The schedules call this after the last micro-batch's backward: DP gradient reduction, the TP
+    # all-reduce of sequence-parallel norm weights (and ALP's sigma under SP), tied embeddings.
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return ddp
 
 
 def param_group_overrides(opt_cfg, alp=None) -> Dict:

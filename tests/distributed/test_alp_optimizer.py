@@ -17,7 +17,9 @@ def _world(rank, world_size, learnable):
     from megatron_alp.optim import Optimizer, wrap_ddp
     from megatron_alp.runtime.distributed import init_parallel_state
 
-    cfg = load_config("configs/model/tiny.yaml", [
+    from megatron_alp.config.loader import CONFIG_ROOT
+
+    cfg = load_config(CONFIG_ROOT / "model" / "tiny.yaml", [
         "alp.enabled=true", "alp.sigma_init=0.1", "alp.sigma_lr=0.05", f"alp.learnable={str(learnable).lower()}",
         "optimizer.lr=1e-4", "optimizer.weight_decay=0.1",
     ])

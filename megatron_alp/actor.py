@@ -1,0 +1,210 @@
+"""The actor: forward/backward over micro-batches with Megatron's schedule, the objective, the step.
+
+Data layout (``RLBatch``): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
+``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
+Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
+sequence parallelism is on): Megatron's pipeline schedule sends fixed-shape activations between
+stages, and padding keeps the TP/SP/PP paths identical. Padding is masked out of every loss and
+metric.
+
+Loss scaling: the objective is aggregated with *global* normalisers (tokens or sequences summed
+over the whole mini-batch and all DP ranks), so the sum over micro-batches and DP ranks is the
+full-batch loss; Megatron divides each micro-batch's loss by the number of micro-batches and DDP
+averages over DP, so each micro-batch's loss is multiplied by ``num_micro x dp`` to undo both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .algo.metrics import compute_metrics
+from .algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
+from .model.alp import alp_forward
+from .ops.logprob import vocab_parallel_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RLBatch:
+    """One data-parallel rank's share of a mini-batch (see module docstring)."""
+
+    tokens: torch.Tensor  # [N, L] int64
+    loss_mask: torch.Tensor  # [N, L] float/bool: counted response tokens
+    rollout_logp: torch.Tensor  # [N, L] fp32
+    advantages: torch.Tensor  # [N] fp32
+    old_logp: Optional[torch.Tensor] = None  # [N, L]
+    ref_logp: Optional[torch.Tensor] = None  # [N, L]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, idx) -> "RLBatch":
+        return RLBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+                          for f in fields(self)})
+
+
+class Actor:
+    """Owns the model chunks, the optimizer and the forward/backward logic of one trainer rank."""
+
+    def __init__(self, cfg, model_chunks: List, optimizer=None):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.chunks = model_chunks
+        self.optimizer = optimizer
+        self.ps = ps
+        self.algo = cfg.algorithm
+        self.hparams = cfg.algorithm.objective_hparams()
+        self.vocab_size = cfg.model.vocab_size
+        self.temperature = cfg.rollout.temperature
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.ps.is_pipeline_last_stage()
+
+    def _micro_batches(self, batch: RLBatch) -> List[RLBatch]:
+        mbs = self.cfg.run.micro_batch_size
+        return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
+        """Per-token log-probs [b, s] aligned with ``tokens`` (position 0 = 0)."""
+        target = torch.roll(tokens, shifts=-1, dims=1)
+        out = vocab_parallel_logprobs(
+            logits, target, tp_group=self.ps.get_tensor_model_parallel_group(), temperature=self.temperature,
+            with_entropy=with_entropy, vocab_size=self.vocab_size,
+        )
+        lp, ent = out if with_entropy else (out, None)
+
+        def shift(x):
+            return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+        return shift(lp), (shift(ent) if ent is not None else None)
+
+    def _run_schedule(self, micro: List[RLBatch], forward_only: bool, loss_fn, perturb_step: Optional[int]):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq_len = micro[0].tokens.shape[1]
+        it = iter(list(enumerate(micro)))
+
+        def forward_step(data_iterator, model):
+            i, mb = next(data_iterator)
+            tokens = mb.tokens
+            pos = torch.arange(seq_len, device=tokens.device)[None].expand(tokens.shape[0], -1)
+            ctx = alp_forward(perturb_step, i) if perturb_step is not None else contextlib.nullcontext()
+            with ctx:
+                output = model(tokens, pos, None)
+            return output, (lambda out, mb=mb: loss_fn(out, mb))
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=it, model=self.chunks, num_microbatches=len(micro),
+            seq_length=seq_len, micro_batch_size=len(micro[0]), forward_only=forward_only,
+        )
+
+    # -- no-grad forwards (pi_old, reference, diagnostics): never perturbed ----------------------
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: RLBatch) -> Optional[torch.Tensor]:
+        """Unperturbed log-probs [N, L] of ``batch`` (on the last pipeline stage; None elsewhere)."""
+        for c in self.chunks:
+            c.eval()
+        out: List[torch.Tensor] = []
+
+        def loss_fn(logits, mb):
+            lp, _ = self._logprobs(logits, mb.tokens, with_entropy=False)
+            out.append(lp.detach())
+            return logits.new_zeros(()), {}
+
+        self._run_schedule(self._micro_batches(batch), forward_only=True, loss_fn=loss_fn, perturb_step=None)
+        for c in self.chunks:
+            c.train()
+        return torch.cat(out) if self.is_last_stage else None
+
+    # -- the policy update ----------------------------------------------------------------------
+
+    def _global_normalizer(self, batch: RLBatch) -> torch.Tensor:
+        m = effective_mask(self.algo.objective, batch.loss_mask, batch.rollout_logp, batch.rollout_logp,
+                           batch.advantages, batch.old_logp)
+        n = normalizer_count(m, self.algo.aggregation)
+        dist.all_reduce(n, group=self.ps.get_data_parallel_group())
+        return n
+
+    def train_step(self, batch: RLBatch, step: int) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch; returns reduced metrics
+        (complete on the last pipeline stage; empty dict elsewhere)."""
+        algo = self.algo
+        micro = self._micro_batches(batch)
+        normalizer = self._global_normalizer(batch)
+        scale = len(micro) * self.ps.get_data_parallel_world_size()
+        perturb = step if self.cfg.alp.enabled else None
+        stash: List[dict] = []
+        want_entropy = True  # entropy is logged every step (policy/entropy), not only when it is in the loss
+
+        def loss_fn(logits, mb: RLBatch):
+            lp, ent = self._logprobs(logits, mb.tokens, with_entropy=want_entropy)
+            per_tok = token_losses(algo.objective, lp, mb.rollout_logp, mb.advantages, mb.loss_mask,
+                                   old_logp=mb.old_logp, **self.hparams)
+            loss = aggregate(per_tok, mb.loss_mask, algo.aggregation, horizon=algo.horizon, normalizer=normalizer)
+            if algo.kl_coef > 0 and mb.ref_logp is not None:
+                kl = kl_penalty(lp, mb.ref_logp, mb.loss_mask, algo.kl_estimator)
+                loss = loss + algo.kl_coef * aggregate(kl, mb.loss_mask, algo.aggregation, horizon=algo.horizon,
+                                                       normalizer=normalizer)
+            if algo.entropy_coef > 0:
+                loss = loss - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.aggregation,
+                                                            horizon=algo.horizon, normalizer=normalizer)
+            stash.append({"lp": lp.detach(), "ent": ent.detach() if ent is not None else None, "mb": mb,
+                          "loss": loss.detach().clone()})
+            return loss * scale, {}
+
+        self.optimizer.zero_grad()
+        # Megatron's finalize_model_grads (set on the config by optim.wrap_ddp) runs at the end of
+        # the schedule: DP reduction, SP/QK-norm TP reduction, tied-embedding reduction across PP.
+        self._run_schedule(micro, forward_only=False, loss_fn=loss_fn, perturb_step=perturb)
+        loss_sum = torch.stack([s["loss"] for s in stash]).sum() if stash else torch.zeros(())
+        local_finite = torch.tensor([1.0 if bool(torch.isfinite(loss_sum)) else 0.0])
+        dist.all_reduce(local_finite, op=dist.ReduceOp.MIN)  # every rank skips together
+        if local_finite.item() < 1:
+            self.optimizer.zero_grad()
+            return {"train/nonfinite_loss": 1.0, "train/skipped_step": 1.0}
+        ok, grad_norm = self.optimizer.step()
+        metrics: Dict[str, float] = {"train/grad_norm": float(grad_norm), "train/skipped_step": 0.0 if ok else 1.0,
+                                     "train/nonfinite_loss": 0.0}
+        for i, lr in enumerate(self.optimizer.lrs()):
+            metrics[f"train/lr_group{i}"] = lr
+        if self.is_last_stage and stash:
+            metrics.update(self._metrics(stash, loss_sum))
+        return metrics
+
+    def _metrics(self, stash: List[dict], loss_sum: torch.Tensor) -> Dict[str, float]:
+        dp = self.ps.get_data_parallel_group()
+        L = max(s["lp"].shape[1] for s in stash)
+
+        def cat(key_fn):
+            parts = [key_fn(s) for s in stash]
+            if any(p is None for p in parts):
+                return None
+            return torch.cat([torch.nn.functional.pad(p, (0, L - p.shape[1])) for p in parts])
+
+        lp = cat(lambda s: s["lp"])
+        mb_cat = lambda name: cat(lambda s: getattr(s["mb"], name))  # noqa: E731
+        mask = mb_cat("loss_mask")
+        adv = torch.cat([s["mb"].advantages for s in stash])
+        out = compute_metrics(
+            lp, mb_cat("rollout_logp"), mask, old_logp=mb_cat("old_logp"), advantages=adv,
+            entropy=cat(lambda s: s["ent"]), objective=self.algo.objective, hparams=self.hparams,
+            dppo_delta=self.algo.dppo_delta, group=dp,
+        )
+        total = loss_sum.clone().to(torch.float64)
+        dist.all_reduce(total, group=dp)
+        result = {k: (v.tolist() if v.dim() else float(v)) for k, v in out.items()}
+        result["train/loss"] = float(total)
+        return result

@@ -1,0 +1,63 @@
+"""Rollout samples -> padded trainer tensors, and their split over data-parallel ranks.
+
+Padding, not packing: each rollout batch is right-padded to its longest sample (rounded up to a
+multiple of ``pad_multiple``, the TP size under sequence parallelism). Packing would save compute
+on very uneven lengths, but Megatron's pipeline schedule sends fixed-shape activations and
+packed attention (THD) needs Transformer Engine; with the response-length caps RL uses, padding
+costs little and keeps every layout on the same code path. Pad positions carry mask 0.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from .actor import RLBatch
+
+
+def collate(samples: Sequence, advantages: torch.Tensor, pad_id: int = 0, pad_multiple: int = 1) -> RLBatch:
+    """``samples``: objects with ``prompt_ids``, ``response_ids``, ``rollout_logprobs``, ``loss_mask``
+    (rollout.sample.Sample). Token ``t`` of the result is predicted from positions ``< t``; the
+    per-token arrays are aligned with the tokens (response token j sits at ``len(prompt) + j``)."""
+    if len(samples) != advantages.shape[0]:
+        raise ValueError(f"{len(samples)} samples but {advantages.shape[0]} advantages")
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    L = max(lengths) if lengths else 1
+    L = ((L + pad_multiple - 1) // pad_multiple) * pad_multiple
+    n = len(samples)
+    tokens = torch.full((n, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, L, dtype=torch.float32)
+    rollout_logp = torch.zeros(n, L, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        if not (len(s.rollout_logprobs) == len(s.loss_mask) == r):
+            raise ValueError(f"sample {i}: {r} response tokens, {len(s.rollout_logprobs)} log-probs, "
+                             f"{len(s.loss_mask)} mask entries")
+        if p == 0:
+            raise ValueError(f"sample {i} has an empty prompt: its first response token has no context")
+        tokens[i, :p + r] = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
+        mask[i, p:p + r] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        rollout_logp[i, p:p + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+    # Masked tokens (tool observations) carry a placeholder log-prob: make sure it cannot leak.
+    rollout_logp = torch.where(mask > 0, rollout_logp, torch.zeros_like(rollout_logp))
+    return RLBatch(tokens=tokens, loss_mask=mask, rollout_logp=rollout_logp,
+                   advantages=advantages.to(torch.float32))
+
+
+def dp_shard(batch: RLBatch, dp_rank: int, dp_size: int) -> RLBatch:
+    """This DP rank's contiguous share (the batch size must divide evenly)."""
+    n = len(batch)
+    if n % dp_size:
+        raise ValueError(f"a batch of {n} sequences does not split over {dp_size} data-parallel ranks")
+    k = n // dp_size
+    return batch.select(slice(dp_rank * k, (dp_rank + 1) * k))
+
+
+def mini_batches(batch: RLBatch, count: int) -> List[RLBatch]:
+    """Split a (DP-local) batch into ``count`` equal mini-batches, one optimizer step each."""
+    n = len(batch)
+    if count < 1 or n % count:
+        raise ValueError(f"{n} sequences do not split into {count} mini-batches")
+    k = n // count
+    return [batch.select(slice(i * k, (i + 1) * k)) for i in range(count)]
