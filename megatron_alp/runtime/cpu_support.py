@@ -114,15 +114,16 @@ def apply_cpu_support() -> None:
     # (use_distributed_optimizer=False, clip_grad=0.0) and clips with
     # megatron_alp.runtime.grad_clip.clip_grad_norm, a CPU-safe equivalent.
 
-    # Item 6: dist_checkpointing's default asynchronous torch_dist save hangs on CPU inside
-    # FileSystemWriterAsync. Checkpoint code asks for :func:`sync_save_strategy` on CPU.
+    # Item 6: dist_checkpointing's torch_dist save writes through FileSystemWriterAsync (a
+    # multiprocessing Manager and forked writers, even with thread_count=1): it hangs on CPU and
+    # fails inside daemonic workers. Checkpoint code passes :func:`sync_save_strategy` instead.
 
     _APPLIED = True
     logger.info("Megatron-Core CPU support applied (no CUDA): gloo, CPU RNG tracker, CPU allocations")
 
 
 def sync_save_strategy():
-    """A synchronous dist_checkpointing save strategy (item 6: the async default hangs on CPU)."""
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    """A synchronous, in-process dist_checkpointing save strategy (item 6), same torch_dist files."""
+    from .dcp_save import InProcessTorchDistSaveStrategy
 
-    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    return InProcessTorchDistSaveStrategy()
