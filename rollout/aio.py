@@ -8,6 +8,7 @@ its rollout coroutines on the same loop: ``run_sync(fleet.update_weights_from_di
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any, Awaitable, Optional
 
@@ -35,6 +36,11 @@ class BackgroundLoop:
             raise RuntimeError("run_sync called from the rollout loop itself; await the coroutine instead")
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
+    def submit(self, coro: Awaitable[Any]) -> "concurrent.futures.Future":
+        """Schedule ``coro`` on the background loop and return at once (a concurrent Future)."""
+        loop = self._ensure()
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
     def close(self) -> None:
         with self._lock:
             if self._loop is not None and not self._loop.is_closed():
@@ -51,3 +57,9 @@ _DEFAULT = BackgroundLoop()
 def run_sync(coro: Awaitable[Any], timeout: Optional[float] = None) -> Any:
     """Run ``coro`` on the shared background loop (see the module docstring)."""
     return _DEFAULT.run(coro, timeout)
+
+
+def submit(coro: Awaitable[Any]) -> "concurrent.futures.Future":
+    """Start ``coro`` on the shared background loop without waiting (e.g. an HTTP call that must
+    run while this thread blocks in a collective)."""
+    return _DEFAULT.submit(coro)

@@ -8,7 +8,9 @@
   one. With no live engine left, :class:`FleetExhausted` names every engine and its last error.
 - Weight updates: new requests wait, every engine is paused, updated, checked to report the new
   `weight_version`, and continued. Requests that the pause aborted (finish reason `abort`) are
-  re-issued once generation continues, so callers only ever see complete samples.
+  re-issued once generation continues, so callers only ever see complete samples. The fleet runs
+  one version (`committed_version`): engines that fail an update, or answer with another version,
+  leave it. The checkpoint bus's all-or-nothing commit (`rollout.bus.commit`) drives these steps.
   (The pause/update/continue sequence is how slime and verl drive SGLang; the code is ours.)
 """
 
@@ -50,6 +52,9 @@ class _Engine:
     served: int = 0
     last_error: str = ""
     consecutive_failures: int = 0
+    dropped: str = ""  # why the weight-update commit removed it ("" = not dropped); never rejoins by itself
+    paused: bool = False  # paused by this fleet and not continued yet
+    keep_paused: bool = False  # dropped and deliberately left paused (serves nothing)
 
 
 class Fleet:
@@ -67,6 +72,8 @@ class Fleet:
         self._rr = itertools.count()
         self._running = asyncio.Event()
         self._running.set()
+        self.committed_version: Optional[str] = None
+        """The weight version every live engine runs (set by a successful update/commit)."""
 
     @classmethod
     def from_urls(cls, urls: Sequence[str], *, api_key: Optional[str] = None,
@@ -86,9 +93,43 @@ class Fleet:
     def live_urls(self) -> List[str]:
         return [e.client.url for e in self._engines if e.alive]
 
+    @property
+    def live_clients(self) -> List[EngineClient]:
+        return [e.client for e in self._engines if e.alive]
+
     def stats(self) -> Dict[str, Dict[str, Any]]:
         return {e.client.url: {"alive": e.alive, "outstanding": e.outstanding, "served": e.served,
-                               "last_error": e.last_error} for e in self._engines}
+                               "last_error": e.last_error, "dropped": e.dropped} for e in self._engines}
+
+    def drop(self, url: str, reason: str, *, keep_paused: bool = True) -> None:
+        """Remove an engine from rotation for good (e.g. it could not load the committed version).
+
+        With ``keep_paused`` it is not continued after the update either, so it generates nothing
+        on weights the rest of the fleet no longer runs. Only :meth:`readmit` brings it back.
+        """
+        for e in self._engines:
+            if e.client.url == url:
+                e.alive, e.dropped, e.last_error, e.keep_paused = False, reason or "dropped", reason, keep_paused
+                logger.error("rollout engine %s is dropped from the fleet (%d live): %s", url,
+                             len(self.live_urls), reason)
+                return
+        raise KeyError(f"no engine {url} in the fleet")
+
+    async def readmit(self, url: str) -> bool:
+        """Bring a dropped engine back if it is healthy and runs the committed version."""
+        for e in self._engines:
+            if e.client.url == url:
+                version = await e.client.weight_version()
+                if self.committed_version is not None and version != self.committed_version:
+                    logger.error("engine %s runs version %s, the fleet %s: not readmitted", url, version,
+                                 self.committed_version)
+                    return False
+                if e.paused:
+                    await e.client.continue_generation()
+                    e.paused = False
+                e.alive, e.dropped, e.keep_paused, e.consecutive_failures = True, "", False, 0
+                return True
+        raise KeyError(f"no engine {url} in the fleet")
 
     async def close(self) -> None:
         for e in self._engines:
@@ -155,6 +196,12 @@ class Fleet:
                         eng.outstanding -= 1
                     eng.served += 1
                     eng.consecutive_failures = 0
+                    if self.committed_version is not None and out.weight_version is not None and \
+                            out.weight_version != self.committed_version and eng.alive:
+                        # Someone changed this engine's weights behind the fleet: never mix versions.
+                        self.drop(eng.client.url, f"answered with weight_version {out.weight_version}, the "
+                                                  f"fleet runs {self.committed_version}", keep_paused=False)
+                        continue
                 if out.finish_reason == "abort" and aborts < self._max_abort_retries:
                     # Aborted by a pause (weight update) or an operator: re-issue after it.
                     aborts += 1
@@ -164,9 +211,20 @@ class Fleet:
 
     # -- health ----------------------------------------------------------------------------
     async def check_health(self) -> Dict[str, bool]:
-        """Probe every engine (dead ones too: a restarted engine rejoins)."""
-        results = await asyncio.gather(*(e.client.health(self._probe_timeout_s) for e in self._engines))
-        for e, ok in zip(self._engines, results):
+        """Probe every engine: a dead one that answers again rejoins if it runs the committed
+        version; an engine the commit dropped never rejoins by itself (see :meth:`readmit`)."""
+        candidates = [e for e in self._engines if not e.dropped]
+        results = await asyncio.gather(*(e.client.health(self._probe_timeout_s) for e in candidates))
+        for e, ok in zip(candidates, results):
+            if ok and not e.alive and self.committed_version is not None:
+                try:
+                    version = await e.client.weight_version()
+                except Exception:
+                    version = None
+                if version != self.committed_version:
+                    logger.error("rollout engine %s answers again but runs weight version %s (fleet: %s); "
+                                 "it stays out", e.client.url, version, self.committed_version)
+                    continue
             if ok and not e.alive:
                 logger.info("rollout engine %s answers again and rejoins the fleet", e.client.url)
             elif not ok and e.alive:
@@ -199,16 +257,21 @@ class Fleet:
     async def pause(self, mode: str = "abort") -> None:
         """Hold new requests and pause every live engine (SGLang `pause_generation`)."""
         self._running.clear()
+        for e in self._engines:
+            e.paused = e.paused or e.alive
         errors = {u: str(r) for u, r in (await self._each("pause_generation", mode)).items()
                   if isinstance(r, BaseException)}
         if errors:
             logger.error("pause_generation failed on %s", errors)
 
     async def resume(self) -> None:
-        """Continue every live engine and release held requests."""
+        """Continue the engines this fleet paused (not those dropped paused) and release requests."""
+        targets = [e for e in self._engines if e.paused and not e.keep_paused]
         try:
-            res = await self._each("continue_generation")
-            errors = {u: str(r) for u, r in res.items() if isinstance(r, BaseException)}
+            res = await asyncio.gather(*(e.client.continue_generation() for e in targets), return_exceptions=True)
+            errors = {e.client.url: str(r) for e, r in zip(targets, res) if isinstance(r, BaseException)}
+            for e, r in zip(targets, res):
+                e.paused = e.paused and isinstance(r, BaseException)
             if errors:
                 logger.error("continue_generation failed on %s", errors)
         finally:
@@ -218,9 +281,10 @@ class Fleet:
                                        pause_mode: str = "abort") -> None:
         """Pause, load ``model_path`` on every live engine, verify the version, continue.
 
-        Raises :class:`WeightUpdateError` (after continuing) when any engine failed; engines
-        then disagree on the version, which every sample records. (All-or-nothing commits are the
-        checkpoint bus's job, on top of this.)
+        An engine that fails leaves the rotation (it is continued, but never served again), so
+        the fleet stays on one version, and :class:`WeightUpdateError` is raised after continuing.
+        The checkpoint bus's commit (:func:`rollout.bus.commit.commit`) adds retries, log-prob
+        spot checks and the stop-the-run policy on top of the same steps.
         """
         await self.pause(pause_mode)
         errors: Dict[str, str] = {}
@@ -231,6 +295,10 @@ class Fleet:
             for url, v in versions.items():
                 if url not in errors and v != str(weight_version):
                     errors[url] = f"reports weight_version {v!r} after the update"
+            if len(errors) < len(versions):
+                self.committed_version = str(weight_version)
+                for url, msg in errors.items():
+                    self.drop(url, f"weight update to {weight_version} failed: {msg}", keep_paused=False)
         finally:
             await self.resume()
         if errors:

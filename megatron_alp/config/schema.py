@@ -173,15 +173,35 @@ class OptimizerConfig:
 @dataclass
 class BusConfig:
     backend: Literal["disk", "nccl", "tensor"] = "disk"
-    """How weights reach the engines."""
+    """How weights reach the engines: disk (shared filesystem), nccl (broadcast; gloo on CPU), tensor (colocated CUDA IPC)."""
     dir: str = "runs/bus"
-    """Root of the disk bus (a shared filesystem on a cluster)."""
+    """Root of the disk bus (a shared filesystem on a cluster); engines are launched on its versions."""
     keep: int = 3
-    """Versions kept on disk."""
+    """Versions kept on disk (>= 2 keeps the version the engines run while the next one commits)."""
     bucket_mb: int = 512
-    """Export bucket size."""
+    """Export bucket size: the largest shard file (disk) or broadcast (nccl) in MiB."""
     on_engine_failure: Literal["drop", "stop"] = "drop"
     """An engine that fails to apply after retries is removed, or the run stops."""
+    retries: int = 1
+    """Extra apply attempts per engine before on_engine_failure applies."""
+    verify: bool = True
+    """Re-read a disk version and check every tensor's sha256 on the driver before the engines load it
+    (SGLang does not check the manifest; the local engine always does)."""
+    fsync: bool = False
+    """fsync shards and directories before the atomic rename (host-crash durability; checksums catch torn files anyway)."""
+    master_address: Optional[str] = None
+    """Address the engines reach the trainer's broadcast groups at (nccl backend); None = this host's name."""
+    timeout_s: float = 600.0
+    """Timeout of forming a broadcast group and of one broadcast (nccl backend)."""
+
+    def validate(self) -> None:
+        for name in ("keep", "bucket_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bus.{name} must be >= 1, got {getattr(self, name)}")
+        if self.retries < 0:
+            raise ValueError(f"bus.retries must be >= 0, got {self.retries}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"bus.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass

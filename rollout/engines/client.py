@@ -22,8 +22,12 @@ from .protocol import (
     GenerateOutput,
     MalformedResponse,
     generate_payload,
+    init_weights_update_group_payload,
     parse_generate,
+    parse_input_logprobs,
     update_weights_from_disk_payload,
+    update_weights_from_distributed_payload,
+    update_weights_from_tensor_payload,
 )
 
 logger = logging.getLogger(__name__)
@@ -200,3 +204,64 @@ class EngineClient:
         if not isinstance(res, dict) or not res.get("success"):
             raise MalformedResponse(self.url, f"update_weights_from_disk did not succeed: {res!r}")
         return res
+
+    # -- weight updates inside a session (distributed, tensor) ----------------------------------
+    async def _control(self, path: str, body: Dict[str, Any], *, timeout_s: Optional[float] = None) -> Dict[str, Any]:
+        """POST a control call that answers ``{"success", "message"}``; raises unless it succeeded."""
+        try:
+            res = await self._request("POST", path, json=body, retries=0,
+                                      timeout_s=timeout_s or self.cfg.control_timeout_s)
+        except EngineHTTPError as e:
+            raise EngineHTTPError(self.url, e.status, f"{path.lstrip('/')} failed: {e}") from None
+        if not isinstance(res, dict) or not res.get("success"):
+            raise MalformedResponse(self.url, f"{path.lstrip('/')} did not succeed: {res!r}")
+        return res
+
+    async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str, backend: str = "nccl") -> Dict[str, Any]:
+        """POST /init_weights_update_group (answers once every rank has joined the group)."""
+        return await self._control("/init_weights_update_group", init_weights_update_group_payload(
+            master_address, master_port, rank_offset, world_size, group_name, backend))
+
+    async def destroy_weights_update_group(self, group_name: str) -> Dict[str, Any]:
+        return await self._control("/destroy_weights_update_group", {"group_name": group_name})
+
+    async def begin_weight_update(self) -> Dict[str, Any]:
+        """POST /begin_weight_update: opens the session distributed/tensor updates need."""
+        return await self._control("/begin_weight_update", {})
+
+    async def end_weight_update(self) -> Dict[str, Any]:
+        """POST /end_weight_update: closes the session (the engine finalises the new weights)."""
+        return await self._control("/end_weight_update", {})
+
+    async def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str, *,
+                                              weight_version: Optional[str] = None,
+                                              load_format: Optional[str] = "flattened_bucket") -> Dict[str, Any]:
+        """POST /update_weights_from_distributed; the caller broadcasts the bucket meanwhile."""
+        return await self._control("/update_weights_from_distributed", update_weights_from_distributed_payload(
+            names, dtypes, shapes, group_name, weight_version=weight_version, load_format=load_format))
+
+    async def update_weights_from_tensor(self, serialized: Sequence[str], *, load_format: Optional[str] = None,
+                                         weight_version: Optional[str] = None) -> Dict[str, Any]:
+        return await self._control("/update_weights_from_tensor", update_weights_from_tensor_payload(
+            serialized, load_format=load_format, weight_version=weight_version))
+
+    async def update_weight_version(self, version: str, *, abort_all_requests: bool = False) -> Dict[str, Any]:
+        """POST /update_weight_version (UpdateWeightVersionReqInput: new_version, abort_all_requests)."""
+        return await self._control("/update_weight_version", {"new_version": str(version),
+                                                              "abort_all_requests": abort_all_requests})
+
+    async def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
+        """POST /get_weights_by_name: the parameter's values (truncated to ``truncate_size`` per row)."""
+        return await self._request("POST", "/get_weights_by_name", json={"name": name, "truncate_size": truncate_size},
+                                   timeout_s=self.cfg.control_timeout_s, retries=0)
+
+    async def prompt_logprobs(self, input_ids: Sequence[int], start: int) -> list:
+        """Log-probs of ``input_ids[start:]`` given their prefixes, at temperature 1 (scoring request)."""
+        if not 0 < start < len(input_ids):
+            raise ValueError(f"start must be in (0, {len(input_ids)}), got {start}")
+        body = generate_payload(input_ids, {"max_new_tokens": 1, "temperature": 1.0, "n": 1},
+                                logprob_start_len=start)
+        obj = await self._request("POST", "/generate", json=body, timeout_s=self.cfg.control_timeout_s,
+                                  retry_timeouts=False)
+        return parse_input_logprobs(obj, self.url, len(input_ids) - start)

@@ -110,7 +110,7 @@ def sampling_params(
 
 
 def generate_payload(input_ids: Sequence[int], params: Dict[str, Any], *, rid: Optional[str] = None,
-                     return_logprob: bool = True) -> Dict[str, Any]:
+                     return_logprob: bool = True, logprob_start_len: int = -1) -> Dict[str, Any]:
     """The JSON body of one non-streaming /generate request."""
     unknown = set(params) - set(SAMPLING_FIELDS)
     if unknown:
@@ -119,7 +119,7 @@ def generate_payload(input_ids: Sequence[int], params: Dict[str, Any], *, rid: O
         "input_ids": [int(t) for t in input_ids],
         "sampling_params": params,
         "return_logprob": bool(return_logprob),
-        "logprob_start_len": -1,
+        "logprob_start_len": int(logprob_start_len),
         "top_logprobs_num": 0,
         "stream": False,
     }
@@ -192,4 +192,58 @@ def update_weights_from_disk_payload(model_path: str, *, weight_version: Optiona
         body["weight_version"] = str(weight_version)
     if load_format is not None:
         body["load_format"] = load_format
+    return body
+
+
+def parse_input_logprobs(obj: Any, engine: str, expected: int) -> List[float]:
+    """``meta_info.input_token_logprobs`` of a scoring request: ``expected`` finite log-probs."""
+    if isinstance(obj, list) and len(obj) == 1:
+        obj = obj[0]
+    entries = (obj.get("meta_info") or {}).get("input_token_logprobs") if isinstance(obj, dict) else None
+    if not isinstance(entries, list) or len(entries) != expected:
+        raise MalformedResponse(engine, f"expected {expected} input_token_logprobs, got "
+                                        f"{len(entries) if isinstance(entries, list) else entries!r}")
+    out = []
+    for i, entry in enumerate(entries):
+        lp = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+        if not _finite(lp) or lp > 1e-4:
+            raise MalformedResponse(engine, f"input_token_logprobs[{i}] = {entry!r} is not a log-probability")
+        out.append(float(min(lp, 0.0)))
+    return out
+
+
+# -- weight updates besides /update_weights_from_disk (io_struct.py of 0.5.23) ---------------------
+# Distributed and tensor updates must run inside a session: /begin_weight_update, then any number of
+# updates, then /end_weight_update (``WeightUpdater._session`` in 0.5.23).
+
+def init_weights_update_group_payload(master_address: str, master_port: int, rank_offset: int,
+                                      world_size: int, group_name: str, backend: str) -> Dict[str, Any]:
+    """Body of POST /init_weights_update_group (InitWeightsUpdateGroupReqInput)."""
+    return {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend}
+
+
+def update_weights_from_distributed_payload(names: Sequence[str], dtypes: Sequence[str],
+                                            shapes: Sequence[Sequence[int]], group_name: str, *,
+                                            flush_cache: bool = False, weight_version: Optional[str] = None,
+                                            load_format: Optional[str] = "flattened_bucket") -> Dict[str, Any]:
+    """Body of POST /update_weights_from_distributed (UpdateWeightsFromDistributedReqInput).
+
+    ``dtypes`` are torch attribute names ("bfloat16"): SGLang does ``getattr(torch, dtype)``.
+    """
+    body: Dict[str, Any] = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
+                            "group_name": group_name, "flush_cache": flush_cache, "load_format": load_format}
+    if weight_version is not None:
+        body["weight_version"] = str(weight_version)
+    return body
+
+
+def update_weights_from_tensor_payload(serialized_named_tensors: Sequence[str], *,
+                                       load_format: Optional[str] = None, flush_cache: bool = False,
+                                       weight_version: Optional[str] = None) -> Dict[str, Any]:
+    """Body of POST /update_weights_from_tensor: one base64 string per engine TP rank."""
+    body: Dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors),
+                            "load_format": load_format, "flush_cache": flush_cache}
+    if weight_version is not None:
+        body["weight_version"] = str(weight_version)
     return body

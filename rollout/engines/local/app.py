@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, Dict
 
 from aiohttp import web
 
 from ..protocol import SGLANG_VERSION
 from .server import BadRequest, LocalEngine, _authorized, _json
+from .weight_sync import WeightSync
+from .weight_sync import add_routes as add_weight_routes
 
 logger = logging.getLogger(__name__)
 
@@ -74,32 +75,6 @@ async def server_info(request: web.Request) -> web.Response:
     })
 
 
-async def update_weights_from_disk(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    body = await _json(request)
-    path = body.get("model_path")
-    if not isinstance(path, str) or not os.path.isdir(path):
-        return web.json_response({"success": False, "message": f"model_path {path!r} is not a directory",
-                                  "num_paused_requests": 0}, status=400)
-    if body.get("load_format") not in (None, "auto", "safetensors"):
-        return web.json_response({"success": False, "num_paused_requests": 0,
-                                  "message": f"load_format {body['load_format']!r} is not supported"}, status=400)
-    if body.get("abort_all_requests"):
-        engine.scheduler.abort(abort_all=True)
-    try:
-        n = await asyncio.to_thread(engine.scheduler.exclusive, lambda: engine.model.load_weights_from_dir(path))
-    except Exception as e:
-        logger.error("update_weights_from_disk(%s) failed: %s", path, e)
-        return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}",
-                                  "num_paused_requests": 0}, status=400)
-    message = f"Succeeded to update model weights ({n} tensors from {path})."
-    if body.get("weight_version") is not None:
-        engine.weight_version = str(body["weight_version"])
-        message += f" Weight version updated to {engine.weight_version}."
-    logger.info(message)
-    return web.json_response({"success": True, "message": message, "num_paused_requests": 0})
-
-
 async def update_weight_version(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await _json(request)
@@ -147,7 +122,9 @@ def build_app(engine: LocalEngine) -> web.Application:
         r.add_get(path, model_info)
     for path in ("/server_info", "/get_server_info"):
         r.add_get(path, server_info)
-    r.add_post("/update_weights_from_disk", update_weights_from_disk)
+    if getattr(engine, "weights", None) is None:
+        engine.weights = WeightSync(engine)
+    add_weight_routes(app, lambda request: request.app[ENGINE].weights)
     r.add_post("/update_weight_version", update_weight_version)
     r.add_post("/pause_generation", pause_generation)
     r.add_post("/continue_generation", continue_generation)

@@ -70,7 +70,7 @@ class LocalModel:
     """An HF causal LM held for generation (no grad), with the engine's precision applied."""
 
     def __init__(self, model_path: str, precision: str = "fp32", seed: int = 0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
@@ -78,7 +78,17 @@ class LocalModel:
         self.model_path = model_path
         self.precision = precision
         self.dtype = DTYPES[precision]
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+        config = AutoConfig.from_pretrained(model_path)
+        quant = getattr(config, "quantization_config", None) or {}
+        if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "fp8":
+            # A block-FP8 checkpoint (an FP8 bus version): transformers' FP8 loader needs a GPU, so
+            # build the model in our dtype and load the dequantized weights ourselves.
+            del config.quantization_config
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+            self.fp8_names = []
+            self.load_weights_from_dir(model_path)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
         self.model.requires_grad_(False)
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
@@ -102,16 +112,34 @@ class LocalModel:
         return {int(i) for i in ids}
 
     # -- weights ---------------------------------------------------------------------------
-    def load_weights_from_dir(self, path: str) -> int:
-        """Load every ``*.safetensors`` of ``path`` into the model (names and shapes must match)."""
+    def read_weights_dir(self, path: str) -> Dict[str, torch.Tensor]:
+        """Every tensor of ``path``'s ``*.safetensors``; a bus version is checked against its
+        manifest (sha256 per tensor) and a mismatch raises naming the tensor."""
         from safetensors.torch import load_file
 
+        from ...bus.disk import hash_pool, iter_verified_files
+        from ...bus.manifest import has_manifest
+
+        tensors: Dict[str, torch.Tensor] = {}
+        if has_manifest(path):
+            with hash_pool() as pool:
+                for part in iter_verified_files(path, pool=pool):
+                    tensors.update(part)
+            return tensors
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise FileNotFoundError(f"no *.safetensors file in {path}")
-        tensors: Dict[str, torch.Tensor] = {}
         for f in files:
             tensors.update(load_file(f))
+        return tensors
+
+    def load_weights_from_dir(self, path: str) -> int:
+        """Load every ``*.safetensors`` of ``path`` into the model (names and shapes must match)."""
+        return self.load_tensors(self.read_weights_dir(path))
+
+    def load_tensors(self, tensors: Dict[str, torch.Tensor]) -> int:
+        """Copy named tensors into the model, all or nothing: every name and shape is checked
+        before the first copy, so a refused update leaves the old weights in place."""
         tensors = dequantize_fp8_state(tensors)
         params = self.model.state_dict()
         unknown = [n for n in tensors if n not in params]
@@ -126,6 +154,12 @@ class LocalModel:
         if self.fp8_names:
             requantize_weights(self.model, self.fp8_names)
         return len(tensors)
+
+    def get_weight(self, name: str) -> torch.Tensor:
+        params = self.model.state_dict()
+        if name not in params:
+            raise KeyError(f"no parameter {name!r}")
+        return params[name]
 
     # -- forward and sampling --------------------------------------------------------------
     def _forward(self, ids, mask, pos, cache, all_logits: bool = False) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Endpoints: /generate, /update_weights_from_disk, /update_weight_version, /pause_generation,
 /continue_generation, /abort_request, /flush_cache, /health, /health_generate, /model_info,
-/server_info (and the deprecated /get_model_info, /get_server_info aliases). With an API key
+/server_info (and the deprecated /get_model_info, /get_server_info aliases); the weight endpoints
+of the checkpoint bus are in :mod:`.weight_sync`. With an API key
 every endpoint except the health checks needs ``Authorization: Bearer <key>``, as SGLang does.
 Sampling options we do not implement (penalties, grammars, logit bias, streaming) are refused
 with HTTP 400 rather than ignored.
