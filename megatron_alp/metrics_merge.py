@@ -1,0 +1,69 @@
+"""Step-level metrics: merge the mini-batch updates of one step and collect them on rank 0."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from .model.alp import is_alp_param
+
+
+def merge_updates(per_update: List[Dict]) -> Dict:
+    """One value per metric over the step's mini-batch updates: max of ``*max*``, min of ``*min*``,
+    concatenation of histograms (lists), mean of the rest."""
+    keys = sorted({k for m in per_update for k in m})
+    out: Dict = {}
+    for k in keys:
+        vals = [m[k] for m in per_update if k in m]
+        if isinstance(vals[0], list):
+            out[k] = [x for v in vals for x in v]
+        elif "max" in k.rsplit("/", 1)[-1]:
+            out[k] = max(vals)
+        elif "min" in k.rsplit("/", 1)[-1]:
+            out[k] = min(vals)
+        else:
+            finite = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+            out[k] = sum(finite) / len(finite) if finite else math.nan
+    if per_update:
+        # The first update sees the policy before any step of this rollout: pi vs mu there is the
+        # training-inference mismatch alone (plus ALP's perturbation), later ones add staleness.
+        for k, v in per_update[0].items():
+            if k.startswith("mismatch/") and not isinstance(v, list):
+                out[f"{k}_first_update"] = v
+    return out
+
+
+def merge_step_metrics(per_update: List[Dict], src_rank: int) -> Dict:
+    """Merged metrics of the rank that holds them (``src_rank``), delivered to every rank."""
+    box = [merge_updates(per_update) if dist.get_rank() == src_rank else None]
+    dist.broadcast_object_list(box, src=src_rank)
+    return box[0]
+
+
+def sigma_metrics(model, ddp) -> Dict:
+    """ALP's sigma per layer (every pipeline stage's), their stats and histogram, the gradient norm."""
+    from .model.sharding import named_global_parameters
+
+    mine = {}
+    for name, p in named_global_parameters(model):  # global layer numbers: stages do not collide
+        if is_alp_param(name, p):
+            g = getattr(p, "main_grad", None)
+            g = g if g is not None else p.grad
+            mine[name] = (float(p.detach().float().exp()), float(g.float().norm()) if g is not None else 0.0)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    merged = {}
+    for d in everyone:
+        merged.update(d)
+    if not merged:
+        return {}
+    sig = torch.tensor([v[0] for v in merged.values()], dtype=torch.float64)
+    out = {"alp/sigma_mean": sig.mean().item(), "alp/sigma_min": sig.min().item(), "alp/sigma_max": sig.max().item(),
+           "alp/sigma_hist": sig.tolist(),
+           "alp/sigma_grad_norm": math.sqrt(sum(v[1] ** 2 for v in merged.values()))}
+    for name, (s, _) in merged.items():
+        out[f"alp/sigma/{name.replace('.perturbation.log_sigma', '')}"] = s
+    return out

@@ -1,0 +1,59 @@
+"""The RL loop's use of the checkpoint bus (docs/bus.md): the only way weights reach the engines.
+
+Version v = the number of completed RL steps. Before the engines start, the current weights are
+published as the starting version and (disk backend) the engines are launched on that version's
+directory, so the engines and the trainer agree from the first sample (FP8 engines must start on
+a directory that declares the block-FP8 format). The nccl/tensor backends launch the engines on
+the HF checkpoint and, after a resume, push the resumed weights before the first rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+logger = logging.getLogger(__name__)
+
+
+class WeightSync:
+    def __init__(self, cfg, trainer, rank: int):
+        from .publish import make_publisher
+
+        self.cfg = cfg
+        self.trainer = trainer
+        self.rank = rank
+        self.publisher = make_publisher(cfg)
+        self.fleet = None
+        self._pending_push = False
+        self._resume_version = 0
+
+    def initial(self, version: int, resumed: bool) -> str:
+        """Collective: publish the starting weights; returns the path engines start from (rank 0)."""
+        self._resume_version = version
+        if self.cfg.bus.backend == "disk":
+            pub = self.publisher.publish(version, [self.trainer.ddp], rewind=resumed)
+            return pub.path
+        self._pending_push = resumed
+        return self.cfg.model.hf_path
+
+    def attach(self, driver) -> None:
+        """Collective: hand over the fleet (rank 0); push resumed weights on streaming backends."""
+        self.fleet = driver.fleet if driver is not None else None
+        if self._pending_push:
+            self._pending_push = False
+            self.publish_and_commit(self._resume_version)
+
+    def publish_and_commit(self, version: int) -> Dict[str, float]:
+        """Collective: export + publish ``version`` on every rank; commit it to the fleet on rank 0."""
+        pub = self.publisher.publish(version, [self.trainer.ddp], fleet=self.fleet if self.rank == 0 else None)
+        metrics: Dict[str, float] = {}
+        if self.rank == 0:
+            report = self.publisher.commit(self.fleet, pub)
+            metrics.update(pub.metrics())
+            metrics.update(report.metrics())
+            if report.dropped:
+                logger.error("engines dropped while committing version %d: %s", version, report.dropped)
+        return metrics
+
+    def close(self) -> None:
+        self.publisher.close()

@@ -1,0 +1,51 @@
+"""Step metrics merging and the TensorBoard monitor."""
+
+from __future__ import annotations
+
+import math
+
+from megatron_alp.metrics_merge import merge_updates
+from megatron_alp.monitor import TensorBoardMonitor, terminal_line
+
+
+def test_merge_updates_rules():
+    ups = [
+        {"ratio/token_max": 2.0, "ratio/token_min": 0.5, "train/loss": 1.0, "ratio/log_ratio_hist": [0.1, 0.2],
+         "mismatch/k3": 0.01},
+        {"ratio/token_max": 3.0, "ratio/token_min": 0.7, "train/loss": 3.0, "ratio/log_ratio_hist": [0.3],
+         "mismatch/k3": 0.05},
+    ]
+    m = merge_updates(ups)
+    assert m["ratio/token_max"] == 3.0 and m["ratio/token_min"] == 0.5
+    assert m["train/loss"] == 2.0
+    assert m["ratio/log_ratio_hist"] == [0.1, 0.2, 0.3]
+    assert math.isclose(m["mismatch/k3"], 0.03) and m["mismatch/k3_first_update"] == 0.01
+
+
+def test_merge_ignores_non_finite_in_means():
+    m = merge_updates([{"train/x": float("nan")}, {"train/x": 4.0}])
+    assert m["train/x"] == 4.0
+
+
+def test_tensorboard_monitor_writes_scalars_and_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mon = TensorBoardMonitor(str(tmp_path), histograms=True)
+    for step in range(3):
+        mon.log({"rollout/reward_mean": 0.1 * step, "ratio/log_ratio_hist": [0.0, 0.1 * step, -0.2],
+                 "alp/sigma_hist": [0.02, 0.03]}, step)
+    mon.text("config", "model: tiny")
+    mon.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "rollout/reward_mean" in tags["scalars"]
+    assert [e.value for e in acc.Scalars("rollout/reward_mean")] == [0.0, 0.1, 0.2] or \
+        [round(e.value, 6) for e in acc.Scalars("rollout/reward_mean")] == [0.0, 0.1, 0.2]
+    assert {"ratio/log_ratio_hist", "alp/sigma_hist"} <= set(tags["histograms"])
+
+
+def test_terminal_line_has_the_key_numbers():
+    line = terminal_line({"rollout/reward_mean": 0.5, "mismatch/k3": 1e-3, "ratio/token_p99.9": 1.7,
+                          "perf/step_seconds": 2.0}, 12)
+    assert "step    12" in line and "reward 0.500" in line and "kl_k3 1.00e-03" in line and "ratio_p99.9 1.700" in line
