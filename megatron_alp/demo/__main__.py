@@ -13,25 +13,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 from ..config.loader import CONFIG_ROOT
+from .assets import REPO, run_cmd
 
 logger = logging.getLogger("megatron_alp.demo")
-REPO = os.path.dirname(str(CONFIG_ROOT))
-
-
-def _run(cmd, env=None):
-    logger.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"demo step failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
 def _reward_curve(tb_dir: str):
@@ -59,26 +50,10 @@ def main(argv=None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
 
-    from rollout.rewards.synthetic import synthetic_records
-    from rollout.tiny_model import make_tiny_model
+    from .assets import prepare_tiny_assets
 
-    from .warmstart import warm_start
-
-    logger.info("[1/5] tiny Qwen2-shaped model (digits tokenizer)")
-    init_dir, hf_dir = os.path.join(out, "hf_init"), os.path.join(out, "hf_warm")
-    make_tiny_model(init_dir, alphabet="digits", hidden_size=64, num_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=128, seed=0)
-    logger.info("[2/5] supervised warm start on the copy task (%d steps)", args.warm_steps)
-    warm_start(init_dir, hf_dir, synthetic_records(2048, "copy", 3, seed=123), steps=args.warm_steps)
-    data = os.path.join(out, "copy_train.jsonl")
-    with open(data, "w") as f:
-        for r in synthetic_records(1024, "copy", 3, seed=0):
-            f.write(json.dumps(r) + "\n")
-
-    logger.info("[3/5] convert HF -> Megatron (tools/convert.py)")
-    mcore_dir = os.path.join(out, "mcore")
-    _run([sys.executable, "tools/convert.py", "hf-to-mcore", "--hf", hf_dir, "--out", mcore_dir,
-          "--tp", str(args.nproc), "--no-progress"])
+    assets = prepare_tiny_assets(out, warm_steps=args.warm_steps, tp=args.nproc, log=logger.info)
+    hf_dir, mcore_dir, data = assets["hf"], assets["mcore"], assets["data"]
 
     logger.info("[4/5] Token-ALP with a local FP8-emulating rollout engine (torchrun, %d procs)", args.nproc)
     overrides = [f"model.hf_path={hf_dir}", f"checkpoint.load={mcore_dir}", f"rollout.data.path={data}",
@@ -86,7 +61,7 @@ def main(argv=None) -> int:
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
           "-m", "megatron_alp.train", "--config", args.config, *overrides], env=env)
 
     tb = os.path.join(out, "demo", "tensorboard")
