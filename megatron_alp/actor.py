@@ -175,9 +175,12 @@ class Actor:
         if local_finite.item() < 1:
             self.optimizer.zero_grad()
             return {"train/nonfinite_loss": 1.0, "train/skipped_step": 1.0}
+        # A non-finite gradient norm (NaN logits whose tokens the objective dropped, an overflow)
+        # skips the step inside Optimizer.step.
         ok, grad_norm = self.optimizer.step()
         metrics: Dict[str, float] = {"train/grad_norm": float(grad_norm), "train/skipped_step": 0.0 if ok else 1.0,
-                                     "train/nonfinite_loss": 0.0}
+                                     "train/nonfinite_loss": 0.0,
+                                     "train/nonfinite_grad": 0.0 if math.isfinite(float(grad_norm)) else 1.0}
         for i, lr in enumerate(self.optimizer.lrs()):
             metrics[f"train/lr_group{i}"] = lr
         if self.is_last_stage and stash:

@@ -72,7 +72,7 @@ def train(cfg) -> Dict[str, float]:
             per_update: List[Dict] = []
             for k, mb in enumerate(mini_batches(local, cfg.run.mini_batches_per_step)):
                 per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k))
-            skipped = any(m.get("train/nonfinite_loss", 0) > 0 for m in per_update)
+            skipped = any(m.get("train/skipped_step", 0) > 0 for m in per_update)
             nonfinite = nonfinite + 1 if skipped else 0
             train_s = time.perf_counter() - t_train
             # 4. publish the new weights (version = number of completed steps) and commit them.

@@ -27,7 +27,10 @@ def sigma_param_group_overrides(alp, weight_decay: float) -> Dict:
 
     wd_mult = (alp.sigma_weight_decay / weight_decay) if weight_decay > 0 else 0.0
     key = ParamKey(predicate=ParamPredicate(name="alp_sigma", fn=lambda p: bool(getattr(p, "alp_sigma", False))))
-    return {key: {"max_lr": alp.sigma_lr, "min_lr": alp.sigma_lr, "wd_mult": wd_mult}}
+    # is_decoupled_lr: Megatron identifies parameter groups in checkpoints by (wd_mult, lr_mult,
+    # is_expert_parallel, is_decoupled_lr); without it sigma's group would collide with the
+    # undecayed 1-D weights' group on resume. It is also what the group is: a decoupled LR.
+    return {key: {"max_lr": alp.sigma_lr, "min_lr": alp.sigma_lr, "wd_mult": wd_mult, "is_decoupled_lr": True}}
 
 
 def sigma_values(named_params: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, float]:
