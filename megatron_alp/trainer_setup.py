@@ -28,6 +28,12 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
     """Load, validate, and check what the RL loop needs beyond the per-section checks."""
     cfg = load_config(config_path, overrides)
     r, run = cfg.rollout, cfg.run
+    if cfg.precision.train in ("bf16", "fp16") and not torch.cuda.is_available():
+        # Megatron's mixed-precision optimizer keeps fp32 main weights only for CUDA tensors (it
+        # checks param.type() against the torch.cuda.* names); there is no CPU path to fall back to.
+        raise ValueError(f"precision.train = {cfg.precision.train} needs a CUDA GPU (Megatron's mixed-precision "
+                         f"optimizer accepts CUDA tensors only); train in fp32 on CPU. The rollout precision "
+                         f"axis (rollout.precision = bf16 or fp8) works on CPU.")
     n = run.prompts_per_step * r.n_samples
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_layout(cfg.parallel, world, cfg.model)
