@@ -13,13 +13,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _world(rank, world_size, dtype):
     from megatron_alp.actor import Actor, RLBatch
+    from megatron_alp.model.alp import alp_block_spec
     from megatron_alp.optim import Optimizer, wrap_ddp
 
     from tests.distributed.layouts import V, build, make_cfg
 
     cfg = make_cfg(extra=[f"precision.train={dtype}", "alp.enabled=true", "run.micro_batch_size=2",
                           "optimizer.lr=1e-4"])
-    model = build(cfg, block_spec=lambda c, cc: __import__("megatron_alp.model.alp", fromlist=["x"]).alp_block_spec(c.model, c.alp, cc))
+    model = build(cfg, block_spec=lambda c, cc: alp_block_spec(c.model, c.alp, cc))
     ddp = wrap_ddp(model)
     actor = Actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, precision=dtype, alp=cfg.alp))
     g = torch.Generator().manual_seed(0)
