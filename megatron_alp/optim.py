@@ -111,9 +111,19 @@ class Optimizer:
     def lrs(self) -> List[float]:
         return [g["lr"] for g in self.megatron.param_groups]
 
+    def _chained(self):
+        return list(getattr(self.megatron, "chained_optimizers", [self.megatron]))
+
     def state_dict(self):
-        return {"optimizer": self.megatron.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Everything a same-layout resume needs. The distributed optimizer (GPU) keeps its Adam
+        states outside ``state_dict()``: this rank's shard is saved with them (DP-reshardable form)."""
+        out = {"optimizer": self.megatron.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.on_gpu:
+            out["param_state"] = [o.get_parameter_state_dp_reshardable() for o in self._chained()]
+        return out
 
     def load_state_dict(self, state) -> None:
         self.megatron.load_state_dict(state["optimizer"])
+        for o, s in zip(self._chained(), state.get("param_state") or []):
+            o.load_parameter_state_from_dp_reshardable(s)
         self.scheduler.load_state_dict(state["scheduler"])
