@@ -28,6 +28,7 @@ logger = logging.getLogger("megatron_alp.demo")
 def _reward_curve(tb_dir: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # its reader logs each file it finishes
     acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
     acc.Reload()
     if "rollout/reward_mean" not in acc.Tags()["scalars"]:
