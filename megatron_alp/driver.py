@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 

@@ -9,7 +9,7 @@ CPU-safe clipping before the step (PLATFORM.md, CPU item 5). Parameters can be s
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from typing import Dict, List
 
-import torch
 import torch.distributed as dist
 
 from .batching import dp_shard, mini_batches

@@ -59,7 +59,7 @@ def test_float_accepts_yaml_exponent_without_dot():
 
 
 def test_include_composition_and_override_order(tmp_path):
-    base = _write(tmp_path, "base.yaml", {"model": {"num_layers": 6, "hidden_size": 128}, "run": {"seed": 1}})
+    _write(tmp_path, "base.yaml", {"model": {"num_layers": 6, "hidden_size": 128}, "run": {"seed": 1}})
     top = _write(tmp_path, "top.yaml", {"include": ["base.yaml", "model/tiny.yaml"], "run": {"seed": 2}})
     cfg = load_config(top, ["run.steps=7"])
     # model/tiny.yaml (resolved against configs/) comes after base.yaml, so it wins.
