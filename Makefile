@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-unit test-distributed bench lint venv clean
+.PHONY: demo test test-unit test-distributed test-slurm bench lint venv clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ test-unit: $(STAMP)
 
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed
+
+# A real one-node SLURM (installs slurm-wlm + munge with apt when missing; root), then sbatch jobs.
+test-slurm: $(STAMP)
+	$(PY) -m pytest tests/slurm tests/unit/test_launch_plan.py tests/unit/test_launch_engines.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

@@ -1,0 +1,116 @@
+"""What the launcher checks before anything starts: the config (with the trainer's own
+``load_and_check`` at the planned world size), the memory estimate, and the paths the job needs.
+
+A GPU config is usually planned on a CPU login node. There the trainer would refuse bf16/fp8
+training (it needs CUDA), so the config is checked with ``precision.train=fp32`` and the memory
+estimate uses the requested precision; the trainer repeats the real check on the GPU nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from ..config.loader import apply_overrides, load_yaml_tree
+
+NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run")
+"""Prefixes of filesystems that are private to a node (the bus and run directory must be shared)."""
+
+
+@contextmanager
+def _world_size(world: int) -> Iterator[None]:
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def requested_precision(config_path: Optional[str], overrides: Sequence[str]) -> str:
+    """``precision.train`` as the files and overrides ask for it, before any validation."""
+    tree = apply_overrides(load_yaml_tree(config_path) if config_path else {}, overrides)
+    return str((tree.get("precision") or {}).get("train", "fp32"))
+
+
+def load_for_world(config_path: Optional[str], overrides: Sequence[str], world: int, on_gpus: bool):
+    """The trainer's ``load_and_check`` at world size ``world``; returns (cfg, note or None)."""
+    import torch
+
+    from ..trainer_setup import load_and_check
+
+    overrides = list(overrides)
+    note = None
+    wanted = requested_precision(config_path, overrides)
+    if on_gpus and wanted != "fp32" and not torch.cuda.is_available():
+        overrides.append("precision.train=fp32")
+        note = (f"precision.train = {wanted} is checked on the GPU nodes by the trainer itself "
+                f"(this machine has no CUDA); the memory estimate uses {wanted}")
+    with _world_size(world):
+        cfg = load_and_check(config_path, overrides)
+    return cfg, note
+
+
+def check_sequence_fits(cfg) -> List[str]:
+    from .memory import max_sequence_len
+
+    longest = max_sequence_len(cfg)
+    if longest > cfg.model.max_position_embeddings:
+        r = cfg.rollout
+        budget = "rollout.multi_turn.max_response_len" if r.multi_turn.enabled else "rollout.max_new_tokens"
+        return [f"rollout.data.max_prompt_len + {budget} = {longest} tokens exceeds "
+                f"model.max_position_embeddings = {cfg.model.max_position_embeddings}"]
+    return []
+
+
+def _creatable(path: str) -> bool:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return False
+        probe = parent
+    return os.path.isdir(probe) and os.access(probe, os.W_OK)
+
+
+def _hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
+
+
+def check_paths(cfg, multi_node: bool) -> Tuple[List[str], List[str]]:
+    """(problems, warnings) about the paths of ``cfg``; relative paths are relative to the cwd."""
+    problems: List[str] = []
+    warnings: List[str] = []
+    m, r = cfg.model, cfg.rollout
+    for key, path in (("model.hf_path", m.hf_path), ("rollout.model_path", r.model_path)):
+        if not path:
+            continue
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                problems.append(f"{key} = {path} has no config.json (not an HF checkpoint)")
+        elif _hub_id(path):
+            warnings.append(f"{key} = {path} is not a directory: it will be read from the HF hub cache "
+                            f"(HF_HOME) on every node; a shared local copy is safer")
+        else:
+            problems.append(f"{key} = {path} does not exist")
+    if cfg.checkpoint.load and not os.path.exists(cfg.checkpoint.load):
+        problems.append(f"checkpoint.load = {cfg.checkpoint.load} does not exist "
+                        f"(convert the HF model first: tools/convert.py hf-to-mcore)")
+    if r.data.path and not os.path.isfile(r.data.path):
+        problems.append(f"rollout.data.path = {r.data.path} does not exist")
+    shared = [("run.output_root", cfg.run.output_root)]
+    if cfg.bus.backend == "disk":
+        shared.append(("bus.dir", cfg.bus.dir))
+    if cfg.checkpoint.dir:
+        shared.append(("checkpoint.dir", cfg.checkpoint.dir))
+    for key, path in shared:
+        if not _creatable(path):
+            problems.append(f"{key} = {path} cannot be created (no writable parent directory)")
+        elif multi_node and os.path.abspath(path).startswith(NODE_LOCAL):
+            problems.append(f"{key} = {path} is node-local storage: every node of the job must see it "
+                            f"(use a shared filesystem)")
+    return problems, warnings

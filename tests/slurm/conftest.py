@@ -1,0 +1,32 @@
+"""Fixtures of the SLURM tests: one real single-node SLURM for the whole session (cluster.py)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from .cluster import LocalSlurm, ensure_installed
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(f"no local SLURM: {reason}")
+    root = Path(tempfile.mkdtemp(prefix="alp-slurm-"))
+    cluster = LocalSlurm(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def job_root(tmp_path_factory) -> Path:
+    """Run folders of the test jobs; the tiny assets are made once, by the first job, in assets/."""
+    return tmp_path_factory.mktemp("slurm-jobs")

@@ -1,0 +1,141 @@
+"""`sbatch slurm/train_tiny_cpu.sh` on a real one-node SLURM (conftest.py / cluster.py).
+
+The job goes through the same launcher as the GPU scripts: the supervisor checks the config,
+starts the local rollout engine as an srun step, waits for /health, starts torchrun as a second
+srun step attached to the engine's URL with the job's API key, and stops everything by step id.
+Checked: a run completes (exit code, TensorBoard event files, bus versions); SIGTERM to the batch
+shell (what ``#SBATCH --signal=B:TERM@60`` sends) checkpoints and the next job resumes on the same
+weights; a failing engine (at start or mid-run) and a bad override end the job fast with the reason
+in its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_alp.config.loader import CONFIG_ROOT
+
+REPO = str(CONFIG_ROOT.parent)
+SCRIPT = "slurm/train_tiny_cpu.sh"
+RUN = "tiny_cpu_slurm"
+pytestmark = pytest.mark.slow
+
+
+def _env(job_root: Path) -> dict:
+    # The first job makes the tiny assets (no warm start: these tests check the launch, not learning).
+    return {"ALP_TINY_ASSETS": str(job_root / "assets"), "ALP_TINY_WARM_STEPS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _run_args(out: Path, *extra: str) -> list:
+    return [f"run.output_root={out}", f"bus.dir={out / 'bus'}", *extra]
+
+
+def _bus_versions(out: Path) -> list:
+    return sorted(int(p.name[1:]) for p in (out / "bus").glob("v[0-9]*"))
+
+
+def _latest_step(out: Path) -> int:
+    ckpt = out / RUN / "checkpoints"
+    with open(ckpt / (ckpt / "latest").read_text().strip() / "meta.json") as f:
+        return int(json.load(f)["step"])
+
+
+def _scalars(out: Path, tag: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / RUN / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_tiny_job_trains_end_to_end(slurm, job_root):
+    out = job_root / "fresh"
+    job = slurm.wait(slurm.submit(SCRIPT, _run_args(out, "run.steps=3"), cwd=REPO, env=_env(job_root)))
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job.output
+    assert list((out / RUN / "tensorboard").glob("events.out.tfevents.*")), job.output
+    assert max(_bus_versions(out)) == 3 > 0
+    assert "engines healthy" in job.output and "trainer finished (exit 0)" in job.output
+    # The engine was attached through the job file (mode 0600); its key never reached the output.
+    job_yaml = out / RUN / f"slurm-{job.job_id}" / "job.yaml"
+    assert oct(job_yaml.stat().st_mode & 0o777) == "0o600"
+    text = job_yaml.read_text()
+    key = text.split("api_key:", 1)[1].split()[0]
+    assert "urls:" in text and len(key) > 20 and key not in job.output
+
+
+def test_sigterm_checkpoints_and_the_next_job_resumes(slurm, job_root):
+    out = job_root / "preempted"
+    env = _env(job_root)
+    job = slurm.submit(SCRIPT, _run_args(out, "run.steps=100000", "checkpoint.save_interval=0"), cwd=REPO, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "bus" / "v00000002").exists():
+        assert time.monotonic() < deadline and slurm.job_info(job).get("JobState") in ("PENDING", "RUNNING"), \
+            slurm.output(job)
+        time.sleep(0.5)
+    slurm.signal_batch(job, "TERM")
+    first = slurm.wait(job, timeout_s=120)
+    assert first.exit_code == 143, first.output
+    assert "forwarding SIGTERM to the trainer" in first.output
+    assert "preemption: SIGTERM to the trainer processes" in first.output
+    assert "stopped by signal after step" in first.output
+    assert "trainer stopped after SIGTERM (exit 0)" in first.output  # torchrun was spared the signal
+    step = _latest_step(out)
+    assert step >= 2
+
+    second = slurm.wait(slurm.submit(SCRIPT, _run_args(out, f"run.steps={step + 2}"), cwd=REPO, env=env))
+    assert (second.state, second.exit_code) == ("COMPLETED", 0), second.output
+    assert f"engines start on bus version {step}" in second.output
+    assert "resumed from" in second.output
+    assert max(_bus_versions(out)) == step + 2
+    # The engine started on the resumed weights: the first resumed rollout is on-policy.
+    assert _scalars(out, "rollout/staleness_mean")[step] == 0.0
+
+
+def test_failing_engine_ends_the_job_fast(slurm, job_root, tmp_path):
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")  # passes the path check, fails in the engine at load
+    out = job_root / "bad_engine"
+    t0 = time.monotonic()
+    job = slurm.wait(slurm.submit(SCRIPT, _run_args(out, f"rollout.model_path={bad}"), cwd=REPO,
+                                  env=_env(job_root)), timeout_s=180)
+    assert (job.state, job.exit_code) == ("FAILED", 1), job.output
+    assert "JOB FAILED: the engines step exited with code 1 before becoming healthy" in job.output
+    assert "Unrecognized model" in job.output  # the engine's own error, from its log tail
+    assert "starting trainer" not in job.output
+    assert time.monotonic() - t0 < 120
+
+
+def test_bad_override_is_refused_before_any_step(slurm, job_root):
+    out = job_root / "bad_override"
+    job = slurm.wait(slurm.submit(SCRIPT, _run_args(out, "algorithm.objective=nope"), cwd=REPO,
+                                  env=_env(job_root)), timeout_s=120)
+    assert (job.state, job.exit_code) == ("FAILED", 2), job.output
+    assert "JOB REFUSED before starting anything: algorithm.objective" in job.output
+    assert "starting engines" not in job.output and not os.path.exists(out / RUN)
+
+
+def test_engine_dying_mid_run_stops_the_trainer(slurm, job_root):
+    out = job_root / "engine_dies"
+    job = slurm.submit(SCRIPT, _run_args(out, "run.steps=100000"), cwd=REPO, env=_env(job_root))
+    deadline = time.monotonic() + 240
+    while not (out / "bus" / "v00000001").exists():
+        assert time.monotonic() < deadline and slurm.job_info(job).get("JobState") in ("PENDING", "RUNNING"), \
+            slurm.output(job)
+        time.sleep(0.5)
+    pid = int(re.search(r"local-engine-0 started \(pid (\d+)\)", slurm.output(job)).group(1))
+    os.kill(pid, signal.SIGKILL)  # the engine server of this job, by the pid its agent reported
+    t0 = time.monotonic()
+    res = slurm.wait(job, timeout_s=180)
+    assert (res.state, res.exit_code) == ("FAILED", 1), res.output
+    assert f"local-engine-0 (pid {pid}" in res.output and "JOB FAILED" in res.output
+    assert re.search(r"JOB FAILED: the (engines step|trainer) exited with code", res.output)
+    assert "stopping the trainer" in res.output or "stopping the engines" in res.output
+    assert time.monotonic() - t0 < 90
