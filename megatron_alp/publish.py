@@ -10,7 +10,7 @@ disk: rank 0 stages a temporary version directory and broadcasts its path; each 
 exporting TP-rank-0 streams its own layers into ``model-pp<stage>-NNNNN.safetensors`` shards there
 (one bucket in memory at a time) plus a part manifest; after every rank reported (an
 all-gather of errors), rank 0 merges the parts, writes index/config.json/tokenizer/manifest,
-optionally re-verifies every sha256, and renames the directory into place (atomic). The engines
+optionally re-verifies every checksum, and renames the directory into place (atomic). The engines
 load it in ``commit``. A failure anywhere aborts the staged directory on every rank.
 
 nccl / tensor: rank 0 pauses the fleet and opens a weight-update session on each engine, then
@@ -90,7 +90,8 @@ class Publisher:
         self.bucket_bytes = int(bus.bucket_mb) * 2 ** 20
         self.tokenizer_dir = tokenizer_dir or model.hf_path
         self._hf_config = hf_config
-        self.disk = DiskBus(bus.dir, bus.keep, fsync=bus.fsync) if bus.backend == "disk" else None
+        self.disk = (DiskBus(bus.dir, bus.keep, fsync=bus.fsync, checksum=bus.checksum)
+                     if bus.backend == "disk" else None)
         if bus.backend == "tensor":
             from rollout.bus.tensor import require_cuda
 

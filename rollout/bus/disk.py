@@ -6,7 +6,7 @@ Layout under ``root`` (a shared filesystem on a cluster)::
         model-pp0-00000.safetensors ...  shards written by pipeline stage 0, 1, ...
         model.safetensors.index.json     HF index (weight_map), so every HF loader reads it
         config.json [+ tokenizer files]  an HF checkpoint: an engine can also *start* on it
-        bus-manifest.json                version, names, shapes, dtypes, sha256 per tensor, bytes
+        bus-manifest.json                version, names, shapes, dtypes, a checksum per tensor, bytes
     root/.tmp-v00000008-<pid>-<nonce>/   being written: invisible to readers
 
 Publishing = :meth:`DiskBus.stage` (a temporary directory; refuses a version not newer than the
@@ -33,8 +33,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .manifest import (INDEX, MANIFEST, BusError, ChecksumError, Manifest, TensorEntry, VersionError,
-                       read_manifest, write_json_atomic)
+from .manifest import (DEFAULT_CHECKSUM, INDEX, MANIFEST, BusError, ChecksumError, Manifest, TensorEntry,
+                       VersionError, check_checksum, read_manifest, write_json_atomic)
 from .shards import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _fsync_dir(path: str) -> None:
 def hash_pool(threads: Optional[int] = None) -> ThreadPoolExecutor:
     """The thread pool that hashes tensors (default: one thread per CPU, at most 8)."""
     return ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1),
-                              thread_name_prefix="bus-sha256")
+                              thread_name_prefix="bus-hash")
 
 
 class PartWriter(ShardWriter):
@@ -73,7 +73,8 @@ class PartWriter(ShardWriter):
     def close(self):
         entries, files = super().close()
         write_json_atomic(os.path.join(self.directory, f"part-{self.prefix}.json"),
-                          {"tensors": {n: vars(e) for n, e in entries.items()}, "files": files}, self.fsync)
+                          {"checksum": self.checksum, "tensors": {n: vars(e) for n, e in entries.items()},
+                           "files": files}, self.fsync)
         return entries, files
 
 
@@ -82,16 +83,21 @@ class DiskBus:
 
     ``fsync`` flushes every file and directory to stable storage before the rename (durability
     across a *host* crash). Without it a process crash still never exposes a partial version (the
-    rename is the commit), and a version torn by a host crash fails its sha256 checks when read;
+    rename is the commit), and a version torn by a host crash fails its checksums when read;
     a resumed run rewinds the bus anyway. Shared filesystems make fsync expensive, so it is off
     by default (``bus.fsync``).
+
+    ``checksum`` is the digest algorithm written into new manifests (``xxh3_128`` or ``sha256``,
+    ``bus.checksum``); reading and verifying always use the algorithm a manifest names.
     """
 
-    def __init__(self, root: str, keep: int = 3, *, fsync: bool = False, hash_threads: Optional[int] = None):
+    def __init__(self, root: str, keep: int = 3, *, fsync: bool = False, hash_threads: Optional[int] = None,
+                 checksum: str = DEFAULT_CHECKSUM):
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (the version the engines run), got {keep}")
         self.root, self.keep, self.fsync = os.path.abspath(root), keep, fsync
         self.hash_threads = hash_threads
+        self.checksum = check_checksum(checksum)
         os.makedirs(self.root, exist_ok=True)
 
     # -- reading -------------------------------------------------------------------------------
@@ -130,7 +136,8 @@ class DiskBus:
         """Shard writer of one writer process; files are named ``model-<part>-NNNNN.safetensors``."""
         if not re.fullmatch(r"[A-Za-z0-9_]+", part):
             raise ValueError(f"part name {part!r} must be alphanumeric")
-        return PartWriter(staged, f"model-{part}", bucket_bytes, pool=pool, fsync=self.fsync)
+        return PartWriter(staged, f"model-{part}", bucket_bytes, pool=pool, fsync=self.fsync,
+                          checksum=self.checksum)
 
     def finalize(self, staged: str, version: int, *, config: Optional[Dict[str, Any]] = None,
                  tokenizer_dir: Optional[str] = None, precision: Optional[str] = None,
@@ -140,13 +147,17 @@ class DiskBus:
         ``verify_first`` re-reads every shard and checks it against the manifest before the
         rename (what a reader on a shared filesystem will see), so a bad write is never published.
         """
-        manifest = Manifest(version=int(version), precision=precision, quantization=quantization)
+        manifest = Manifest(version=int(version), precision=precision, quantization=quantization,
+                            checksum=self.checksum)
         parts = sorted(glob.glob(os.path.join(staged, "part-*.json")))
         if not parts:
             raise BusError(f"{staged}: no writer finished (no part-*.json)")
         for part in parts:
             with open(part) as f:
                 obj = json.load(f)
+            if obj.get("checksum") != manifest.checksum:
+                raise BusError(f"{os.path.basename(part)} was hashed with {obj.get('checksum')!r}, the manifest "
+                               f"is {manifest.checksum!r}: every rank must use the same bus.checksum")
             for name, e in obj["tensors"].items():
                 if name in manifest.tensors:
                     raise BusError(f"tensor {name!r} written by two parts ({manifest.tensors[name].file}, {e['file']})")

@@ -91,12 +91,15 @@ def _world(rank, world_size, url, bus_dir):
     pub = disk.publish(3, [model], fleet=fleet)
     if rank == 0:
         rep = disk.commit(fleet, pub)
-        out["pp2_disk"] = {"path": pub.path, "files": sorted(pub.manifest.files), "committed": rep.committed}
+        out["pp2_disk"] = {"path": pub.path, "files": sorted(pub.manifest.files), "committed": rep.committed,
+                           "checksum": pub.manifest.checksum}
         from rollout.aio import run_sync
 
         run_sync(fleet.close())
-    # The same weights exported for an FP8 rollout (another bus directory; not committed).
+    # The same weights exported for an FP8 rollout (another bus directory; not committed), with
+    # bus.checksum = sha256 (both stages' parts and the merged manifest must agree).
     cfg.bus.dir = bus_dir + "-fp8"
+    cfg.bus.checksum = "sha256"
     pub = Publisher(cfg.bus, cfg.model, precision="fp8").publish(1, [model])
     if rank == 0:
         out["fp8_path"] = pub.path
@@ -157,13 +160,14 @@ def _check_bitwise(weight_map, full, url):
 def _check_fp8(path, expected):
     """The FP8 version: block-FP8 config, fp8 linears + scales, dequantized within e4m3's bound;
     the local engine starts on it (dequantizing) and holds those weights."""
-    from rollout.bus import read_manifest
+    from rollout.bus import read_manifest, verify
     from rollout.bus.fp8 import error_bound
     from rollout.engines.local.runner import LocalModel
 
     config = json.load(open(os.path.join(path, "config.json")))
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     manifest = read_manifest(path)
+    assert manifest.checksum == "sha256" and verify(path).checksum == "sha256"
     q = "model.layers.3.mlp.gate_proj.weight"
     assert manifest.tensors[q].dtype == "float8_e4m3fn" and manifest.tensors[q + "_scale_inv"].dtype == "float32"
     assert manifest.tensors["model.norm.weight"].dtype == "bfloat16" and manifest.precision == "fp8"
@@ -207,6 +211,7 @@ def test_tp2_and_pp2_round_trips_bitwise_and_match_a_fresh_engine(engine, tmp_pa
     expected = _check_bitwise(wmap, pp2["full"], url)
     assert pp2["bytes"] == sum(t.numel() * 4 for t in expected.values())
     assert {f.split("-")[1] for f in out["pp2_disk"]["files"]} == {"pp0", "pp1"}  # both stages wrote
+    assert out["pp2_disk"]["checksum"] == "xxh3_128"  # bus.checksum's default
     assert not torch.equal(tp2["full"]["decoder.final_layernorm.weight"], pp2["full"]["decoder.final_layernorm.weight"])
 
     _check_fp8(out["fp8_path"], expected)

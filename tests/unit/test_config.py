@@ -53,6 +53,13 @@ def test_literal_suggests_closest():
         load_config(None, ["algorithm.objective=drop"])
 
 
+def test_bus_checksum_defaults_to_xxh3_and_is_checked():
+    assert load_config().bus.checksum == "xxh3_128"
+    assert load_config(None, ["bus.checksum=sha256"]).bus.checksum == "sha256"
+    with pytest.raises(ConfigError, match=r"bus\.checksum.*did you mean 'sha256'"):
+        load_config(None, ["bus.checksum=sha265"])
+
+
 def test_float_accepts_yaml_exponent_without_dot():
     cfg = load_config(None, ["optimizer.lr=1e-6"])
     assert cfg.optimizer.lr == pytest.approx(1e-6)

@@ -114,7 +114,8 @@ class LocalModel:
     # -- weights ---------------------------------------------------------------------------
     def read_weights_dir(self, path: str) -> Dict[str, torch.Tensor]:
         """Every tensor of ``path``'s ``*.safetensors``; a bus version is checked against its
-        manifest (sha256 per tensor) and a mismatch raises naming the tensor."""
+        manifest (a checksum per tensor, with the algorithm the manifest names) and a mismatch raises
+        naming the tensor."""
         from safetensors.torch import load_file
 
         from ...bus.disk import hash_pool, iter_verified_files

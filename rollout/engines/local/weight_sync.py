@@ -1,8 +1,9 @@
 """Weight updates of the local engine: disk (checked against the bus manifest) and distributed.
 
-``/update_weights_from_disk`` on a bus version directory verifies every tensor's sha256 against
-``bus-manifest.json`` and refuses a version older than the one the engine runs; a failed apply
-keeps the old weights (everything is checked before the first copy).
+``/update_weights_from_disk`` on a bus version directory verifies every tensor's checksum against
+``bus-manifest.json`` (with the algorithm the manifest names: xxh3_128 by default, sha256 for
+``bus.checksum = sha256`` and older manifests) and refuses a version older than the one the engine
+runs; a failed apply keeps the old weights (everything is checked before the first copy).
 
 The distributed path implements SGLang 0.5.23's endpoints over gloo, so the trainer side of the
 ``nccl`` bus backend runs end to end on CPU: ``/init_weights_update_group`` joins a group (the
