@@ -43,5 +43,8 @@ test-slurm: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
+lint: $(STAMP)
+	$(PY) -m ruff check --select F,E9 megatron_alp rollout tools bench tests
+
 clean:
 	rm -rf $(VENV) runs demo_out

@@ -35,8 +35,11 @@ class RolloutDriver:
         prompts = load_prompts(cfg.rollout.data, self.tokenizer)
         self.stream = PromptStream(prompts, seed=cfg.run.seed)
         log_dir = cfg.rollout.log_dir or os.path.join(run_dir, "engines")
-        logger.info("starting rollout engines (%s x%d) on %s", cfg.rollout.engine, cfg.rollout.num_engines,
-                    engine_model_path)
+        if cfg.rollout.urls:
+            logger.info("attaching to %d running rollout engine(s): %s", len(cfg.rollout.urls), cfg.rollout.urls)
+        else:
+            logger.info("starting rollout engines (%s x%d) on %s", cfg.rollout.engine, cfg.rollout.num_engines,
+                        engine_model_path)
         self.engines = launch_engines(cfg.rollout, model_path=engine_model_path, log_dir=log_dir)
         try:
             self.fleet = make_fleet(cfg.rollout, self.engines)

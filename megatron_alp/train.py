@@ -50,7 +50,7 @@ def train(cfg) -> Dict[str, float]:
             driver = RolloutDriver(cfg, t.run_dir, cfg.model.hf_path, engine_path)
             if data_state:
                 driver.stream.load_state_dict(data_state)
-            with open(f"{t.run_dir}/config.yaml") as f:
+            with open(f"{t.run_dir}/config.yaml") as f:  # written redacted by setup()
                 monitor.text("config", f"```\n{f.read()}\n```")
         sync.attach(driver)
         for step in range(start, cfg.run.steps):

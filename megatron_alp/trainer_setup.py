@@ -55,6 +55,16 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
     return cfg
 
 
+def redacted(cfg: Config) -> Config:
+    """The config as written to the run directory and TensorBoard: secrets replaced."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    if out.rollout.api_key:
+        out.rollout.api_key = "<redacted>"
+    return out
+
+
 @dataclass
 class Trainer:
     cfg: Config
@@ -88,7 +98,7 @@ def setup(cfg: Config) -> Trainer:
     run_dir = cfg.run.output_dir
     if dist.get_rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        dump_yaml(redacted(cfg), os.path.join(run_dir, "config.yaml"))
     model = build_model(cfg, alp=cfg.alp.enabled)
     load_initial_weights(cfg, model)
     ddp = wrap_ddp(model)

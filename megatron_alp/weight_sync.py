@@ -25,20 +25,28 @@ class WeightSync:
         self.publisher = make_publisher(cfg)
         self.fleet = None
         self._pending_push = False
+        self._commit_initial = False
+        self._initial_pub = None
         self._resume_version = 0
 
     def initial(self, version: int, resumed: bool) -> str:
         """Collective: publish the starting weights; returns the path engines start from (rank 0)."""
         self._resume_version = version
+        attached = bool(self.cfg.rollout.urls)  # engines already running: they must be sent the weights
         if self.cfg.bus.backend == "disk":
-            pub = self.publisher.publish(version, [self.trainer.ddp], rewind=resumed)
-            return pub.path
-        self._pending_push = resumed
+            self._initial_pub = self.publisher.publish(version, [self.trainer.ddp], rewind=resumed)
+            self._commit_initial = attached
+            return self._initial_pub.path
+        self._pending_push = resumed or attached
         return self.cfg.model.hf_path
 
     def attach(self, driver) -> None:
         """Collective: hand over the fleet (rank 0); push resumed weights on streaming backends."""
         self.fleet = driver.fleet if driver is not None else None
+        if self._commit_initial and self.rank == 0:
+            # Attached engines run whatever they were started with: commit the starting version.
+            self._commit_initial = False
+            self.publisher.commit(self.fleet, self._initial_pub)
         if self._pending_push:
             self._pending_push = False
             self.publish_and_commit(self._resume_version)
