@@ -35,3 +35,14 @@ def test_half_precision_training_refused_on_cpu(monkeypatch, dtype):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=rf"precision.train = {dtype} needs a CUDA GPU"):
         load_and_check(DEMO, BASE + [f"precision.train={dtype}"])
+
+
+def test_written_config_hides_the_api_key(tmp_path):
+    from megatron_alp.config import dump_yaml, load_config
+    from megatron_alp.trainer_setup import redacted
+
+    cfg = load_config(DEMO, BASE + ["rollout.api_key=s3cret-key"])
+    dump_yaml(redacted(cfg), tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cret-key" not in text and "<redacted>" in text
+    assert cfg.rollout.api_key == "s3cret-key"  # the live config is untouched
