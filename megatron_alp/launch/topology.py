@@ -71,8 +71,10 @@ class Plan:
 
 def default_ports(job_id: int, base_port: int, master_port: Optional[int]) -> tuple:
     """Engine base port and rendezvous port: the config's, or spread by job id so that two jobs
-    sharing a node (small allocations, the tests) do not collide."""
-    engine = base_port or 40000 + (job_id % 2000) * 8
+    sharing a node (small allocations, the tests) do not collide. Both stay below Linux's
+    ephemeral range (32768-60999): srun, torchrun and every client bind ephemeral ports on the
+    fly, and one of them can take a port we picked before the engine binds it (seen: EADDRINUSE)."""
+    engine = base_port or 20000 + (job_id % 1000) * 8
     master = master_port or 29500 + job_id % 500
     return engine, master
 

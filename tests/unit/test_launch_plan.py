@@ -3,6 +3,8 @@ with the numbers, and the memory estimate is what docs/slurm.md writes down."""
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 
@@ -32,8 +34,12 @@ def paths(tmp_path):
     (hf / "config.json").write_text("{}")
     (tmp_path / "mcore").mkdir()
     (tmp_path / "data.parquet").write_text("")
+    # run/bus: a creatable path outside the node-local prefixes (the configs' relative defaults
+    # would resolve under the checkout, which CI may place in /tmp). Nothing is created there.
+    shared = os.path.join(os.path.expanduser("~"), ".alp-plan-test")
     return [f"model.hf_path={hf}", f"checkpoint.load={tmp_path / 'mcore'}",
-            f"rollout.data.path={tmp_path / 'data.parquet'}"]  # run/bus: the configs' (relative, shared)
+            f"rollout.data.path={tmp_path / 'data.parquet'}", f"run.output_root={shared}/runs",
+            f"bus.dir={shared}/bus"]
 
 
 def _spec(name: str, overrides=(), **kw) -> JobSpec:
@@ -111,7 +117,7 @@ def test_one_node_cpu_and_attached_plans():
     cfg = load_config(EXP / "tiny_cpu_slurm.yaml")
     p = make_plan(cfg, ["n1"], 0, trainer_procs=2, job_id=7)
     assert (p.mode, p.world_size, p.engine_bind, p.master_addr) == ("shared", 2, "127.0.0.1", "127.0.0.1")
-    assert p.engine_urls == [f"http://127.0.0.1:{40000 + 7 * 8}"] and p.master_port == 29507
+    assert p.engine_urls == [f"http://127.0.0.1:{20000 + 7 * 8}"] and p.master_port == 29507
     att = make_plan(load_config(EXP / "tiny_cpu_slurm.yaml", ["rollout.urls=[http://e1:30000]"]), ["n1", "n2"], 0,
                     trainer_procs=1)
     assert (att.mode, att.trainer_nodes, att.rollout_nodes, att.engine_urls) == \
