@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 from ..model.alp.params import is_alp_param
-from ..model.sharding import gather_full, load_full_state_dict, named_global_parameters
+from ..model.sharding import load_full_state_dict, named_global_parameters
 from .hf_config import hf_config_for_export, model_config_from_hf, read_hf_config
 from .hf_io import HFReader, ShardWriter, copy_tokenizer_files, finalize_shards
 from .mapping import WeightMap, canonical_name
@@ -162,16 +162,14 @@ def export_hf_weights(model, wmap: WeightMap, out_dir: str, dtype: Optional[torc
     """
     from megatron.core import parallel_state as ps
 
-    writes = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    from ..export import export_role, iter_hf_tensors  # the bus's export: one gather/name-map loop
+
+    _, writes = export_role()
     stage = ps.get_pipeline_model_parallel_rank()
     writer = ShardWriter(out_dir, f"pp{stage:04d}", max_shard_bytes) if writes else None
-    named = list(named_global_parameters(model))
-    for name, p in _progress(named, "megatron -> hf", "tensor", enabled=progress):
-        full = gather_full(name, p, wmap.model.vocab_size)
-        if writer is None:
-            continue
-        for hf_name, t in wmap.megatron_to_hf(name, full, p):
-            writer.add(hf_name, t.to(dtype) if dtype is not None else t)
+    named = iter_hf_tensors([model], wmap, wmap.model.vocab_size, dtype=dtype)
+    for hf_name, t in _progress(named, "megatron -> hf", "tensor", enabled=progress and writes):
+        writer.add(hf_name, t)
     if writer is not None:
         writer.flush()
     gathered: List[Any] = [None] * dist.get_world_size()

@@ -85,7 +85,7 @@ def unshard(shards, p, stride: Optional[int] = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_full_state_dict(model, full: Dict[str, torch.Tensor], vocab_size: Optional[int] = None, strict: bool = True):
+def load_full_state_dict(model, full: Dict[str, torch.Tensor], strict: bool = True):
     """Copy full tensors into this rank's shards. Names are full names (global layer indices)."""
     from megatron.core import parallel_state as ps
 
