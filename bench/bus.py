@@ -45,7 +45,7 @@ from rollout.bus.disk import hash_pool
 from rollout.bus.manifest import submit_digest
 from rollout.config import ClientConfig, RolloutConfig
 from rollout.engines.client import EngineClient
-from rollout.engines.launch import launch_engines
+from rollout.engines.start import start_engines
 from rollout.tiny_model import make_tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bus-cpu.md"
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         plain_dir = os.path.join(root, "plain-apply")
         _plain(named, bucket, plain_dir)
         cfg = RolloutConfig(engine="local", precision="fp32", base_port=0, model_path=model_dir, startup_timeout_s=600)
-        launched = launch_engines(cfg, log_dir=root)
+        launched = start_engines(cfg, log_dir=root)
         try:
             url = launched.urls[0]
             t_apply = {"xxh3_128": asyncio.run(_apply(url, paths["xxh3_128"], str(version), args.reps)),

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from rollout.config import ClientConfig, LocalEngineConfig, RolloutConfig
 from rollout.engines.client import EngineClient
-from rollout.engines.launch import launch_engines
 from rollout.engines.protocol import sampling_params
+from rollout.engines.start import start_engines
 from rollout.tiny_model import make_tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout-cpu.md"
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         cfg = RolloutConfig(engine="local", precision="fp32", base_port=0, model_path=model, startup_timeout_s=300,
                             local=LocalEngineConfig(max_batch_size=args.max_batch_size, batch_wait_ms=5.0,
                                                     threads=args.threads))
-        launched = launch_engines(cfg, log_dir=tmp)
+        launched = start_engines(cfg, log_dir=tmp)
         try:
             res = asyncio.run(_measure(launched.urls[0], args))
         finally:

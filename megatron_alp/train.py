@@ -17,12 +17,12 @@ from typing import Dict, List
 
 import torch.distributed as dist
 
-from .batching import dp_shard, mini_batches
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .metrics_merge import merge_step_metrics, sigma_metrics
-from .monitor import make_monitor, tensorboard_hint
-from .trainer_setup import StopFlag, load_and_check, setup
-from .weight_sync import WeightSync
+from .sync.weight_sync import WeightSync
+from .trainer.batching import dp_shard, mini_batches
+from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .trainer.monitor import make_monitor, tensorboard_hint
+from .trainer.setup import StopFlag, load_and_check, setup
+from .trainer.step_metrics import merge_step_metrics, sigma_metrics
 
 logger = logging.getLogger("megatron_alp.train")
 
@@ -45,7 +45,7 @@ def train(cfg) -> Dict[str, float]:
     try:
         engine_path = sync.initial(version, resumed=bool(resume))  # the engines start on these weights
         if rank == 0:
-            from .driver import RolloutDriver
+            from .trainer.driver import RolloutDriver
 
             driver = RolloutDriver(cfg, t.run_dir, cfg.model.hf_path, engine_path)
             if data_state:

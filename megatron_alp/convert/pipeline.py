@@ -27,8 +27,14 @@ from ..model.sharding import load_full_state_dict, named_global_parameters
 from .hf_config import hf_config_for_export, model_config_from_hf, read_hf_config
 from .hf_io import HFReader, ShardWriter, copy_tokenizer_files, finalize_shards
 from .mapping import WeightMap, canonical_name
-from .mcore_ckpt import HF_SUBDIR, load_megatron_checkpoint, meta_for, model_config_from_meta, read_meta, \
-    save_megatron_checkpoint
+from .mcore_ckpt import (
+    HF_SUBDIR,
+    load_megatron_checkpoint,
+    meta_for,
+    model_config_from_meta,
+    read_meta,
+    save_megatron_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +168,7 @@ def export_hf_weights(model, wmap: WeightMap, out_dir: str, dtype: Optional[torc
     """
     from megatron.core import parallel_state as ps
 
-    from ..export import export_role, iter_hf_tensors  # the bus's export: one gather/name-map loop
+    from ..sync.export import export_role, iter_hf_tensors  # the bus's export: one gather/name-map loop
 
     _, writes = export_role()
     stage = ps.get_pipeline_model_parallel_rank()

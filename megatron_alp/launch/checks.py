@@ -41,7 +41,7 @@ def load_for_world(config_path: Optional[str], overrides: Sequence[str], world: 
     """The trainer's ``load_and_check`` at world size ``world``; returns (cfg, note or None)."""
     import torch
 
-    from ..trainer_setup import load_and_check
+    from ..trainer.setup import load_and_check
 
     overrides = list(overrides)
     note = None

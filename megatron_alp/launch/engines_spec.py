@@ -33,7 +33,7 @@ def engine_start_path(cfg) -> Tuple[str, int]:
     """
     from rollout.bus.disk import version_dirname
 
-    from ..checkpoint import latest_checkpoint
+    from ..trainer.checkpoint import latest_checkpoint
 
     base = cfg.rollout.model_path or cfg.model.hf_path
     latest = latest_checkpoint(cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
@@ -61,8 +61,8 @@ def build_engine_spec(cfg, plan, model_path: str, version: int, api_key: Optiona
     """{rollout node: [{cmd, url, log, name, env, api_key}, ...]} for node.py's ``engines`` role.
 
     ``python`` replaces this interpreter in the commands (the steps may run in a container)."""
-    from rollout.engines.launch import local_engine_command
     from rollout.engines.sglang import sglang_server_command
+    from rollout.engines.start import local_engine_command
 
     r = cfg.rollout
     out: Dict[str, List[dict]] = {}

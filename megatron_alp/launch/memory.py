@@ -2,7 +2,7 @@
 
 Rough on purpose: the numbers decide a layout (does TP x PP fit an 80 GB GPU?), not a batch size.
 Bytes per parameter on a trainer GPU (Megatron with bf16 params, ``grad_reduce_in_fp32`` and the
-distributed optimizer, as megatron_alp/optim.py builds it on GPUs):
+distributed optimizer, as megatron_alp/trainer/optim.py builds it on GPUs):
 
     weights 2 (bf16) + main grads 4 (fp32 buffer) + (fp32 master 4 + Adam m 4 + Adam v 4) / DP
 

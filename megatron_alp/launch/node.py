@@ -4,7 +4,7 @@
     python -m megatron_alp.launch.node trainer PLAN.json   # torchrun with this node's rank
 
 ``engines`` starts the servers listed for this node (``SLURMD_NODENAME``) as children in their
-own sessions (rollout/engines/launcher.py), then waits. A server that exits on its own ends the
+own sessions (rollout/engines/processes.py), then waits. A server that exits on its own ends the
 agent with code 1 after printing the tail of its log (srun --kill-on-bad-exit then ends the step and
 the supervisor the job); SIGTERM stops every server by its process group and exits 0.
 
@@ -51,7 +51,7 @@ def gpu_env(gpu_slice: Optional[List[int]]) -> Dict[str, str]:
 
 
 def run_engines(spec: dict) -> int:
-    from rollout.engines.launcher import ServerProcess, log_tail
+    from rollout.engines.processes import ServerProcess, log_tail
 
     node = this_node()
     entries = spec["engines"].get(node)

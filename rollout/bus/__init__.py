@@ -10,7 +10,7 @@
 - :mod:`.fp8`: blockwise e4m3 export for FP8 rollouts. :mod:`.versions`: staleness helpers.
 
 This package never imports ``megatron_alp``: the trainer side that turns Megatron shards into
-HF-named tensors lives in ``megatron_alp/export.py`` and ``megatron_alp/publish.py`` and passes
+HF-named tensors lives in ``megatron_alp/sync/export.py`` and ``megatron_alp/sync/publish.py`` and passes
 plain tensors and arguments here. See docs/bus.md.
 """
 

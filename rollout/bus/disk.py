@@ -33,8 +33,19 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .manifest import (DEFAULT_CHECKSUM, INDEX, MANIFEST, BusError, ChecksumError, Manifest, TensorEntry,
-                       VersionError, check_checksum, read_manifest, write_json_atomic)
+from .manifest import (
+    DEFAULT_CHECKSUM,
+    INDEX,
+    MANIFEST,
+    BusError,
+    ChecksumError,
+    Manifest,
+    TensorEntry,
+    VersionError,
+    check_checksum,
+    read_manifest,
+    write_json_atomic,
+)
 from .shards import ShardWriter
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..aio import submit
-from ..engines.launcher import free_port
+from ..engines.processes import free_port
 from .distributed import FLATTENED, UpdateGroup, flatten_bucket, join_update_group
 from .manifest import BusError
 

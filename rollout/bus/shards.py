@@ -23,8 +23,18 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .manifest import (CHUNK_BYTES, DEFAULT_CHECKSUM, ST_CODES, BusError, TensorEntry, check_checksum, dtype_name,
-                       raw_bytes, submit_digest, write_digest)
+from .manifest import (
+    CHUNK_BYTES,
+    DEFAULT_CHECKSUM,
+    ST_CODES,
+    BusError,
+    TensorEntry,
+    check_checksum,
+    dtype_name,
+    raw_bytes,
+    submit_digest,
+    write_digest,
+)
 
 logger = logging.getLogger(__name__)
 

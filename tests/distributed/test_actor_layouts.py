@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from megatron_alp.runtime.spawn import run_world
-
 from tests.distributed.layouts import V, build, make_cfg
 
 N, L = 8, 12
 
 
 def _batch():
-    from megatron_alp.actor import RLBatch
+    from megatron_alp.trainer.actor import RLBatch
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, V, (N, L), generator=g)
@@ -56,10 +55,10 @@ def _naive(cfg, spec, full, batch):
 
 
 def _world(rank, world_size, extra):
-    from megatron_alp.actor import Actor
     from megatron_alp.model.alp import alp_block_spec
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
-    from megatron_alp.optim import Optimizer, wrap_ddp
+    from megatron_alp.trainer.actor import Actor
+    from megatron_alp.trainer.optim import Optimizer, wrap_ddp
 
     cfg = make_cfg(extra=["optimizer.lr=0.0", "optimizer.clip_grad=0.0", "run.micro_batch_size=2",
                           "alp.sigma_init=0.05", *extra])

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from megatron_alp.runtime.spawn import run_world
-
 from tests.distributed.layouts import V, build, make_cfg
 
 
 def _world(rank, world_size):
-    from megatron_alp.actor import Actor, RLBatch
     from megatron_alp.model.sharding import full_state_dict
-    from megatron_alp.optim import Optimizer, wrap_ddp
+    from megatron_alp.trainer.actor import Actor, RLBatch
+    from megatron_alp.trainer.optim import Optimizer, wrap_ddp
 
     cfg = make_cfg(extra=["optimizer.lr=1e-2", "run.micro_batch_size=2", "alp.enabled=false"])
     model = build(cfg)

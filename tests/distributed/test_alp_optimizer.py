@@ -12,12 +12,11 @@ from megatron_alp.runtime.spawn import run_world
 
 def _world(rank, world_size, learnable):
     from megatron_alp.config import load_config
+    from megatron_alp.config.loader import CONFIG_ROOT
     from megatron_alp.model.alp import alp_block_spec, alp_forward
     from megatron_alp.model.builder import build_gpt_model
-    from megatron_alp.optim import Optimizer, wrap_ddp
     from megatron_alp.runtime.distributed import init_parallel_state
-
-    from megatron_alp.config.loader import CONFIG_ROOT
+    from megatron_alp.trainer.optim import Optimizer, wrap_ddp
 
     cfg = load_config(CONFIG_ROOT / "model" / "tiny.yaml", [
         "alp.enabled=true", "alp.sigma_init=0.1", "alp.sigma_lr=0.05", f"alp.learnable={str(learnable).lower()}",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from megatron_alp.runtime.spawn import run_world
-
 from tests.distributed.layouts import V, batch, build, ce_loss, make_cfg, positions, schedule_loss, wrap_ddp
 
 SIGMA = 0.05

@@ -73,9 +73,9 @@ def _world(rank, world_size, root, dirs, other):
     hf_to_mcore(dirs["qwen3"], os.path.join(root, "qwen3-bf16"), 2, 1, dtype=torch.bfloat16, progress=False)
     mcore_to_hf(os.path.join(root, "qwen3-bf16"), os.path.join(root, "qwen3-bf16-hf"), 1, 2, progress=False)
     # The trainer's path: ALP models (perturbed layers; logits-only) load the stock checkpoint.
-    from megatron_alp.convert.pipeline import build_for_conversion
     from megatron_alp.convert import load_megatron_checkpoint
     from megatron_alp.convert.mcore_ckpt import model_config_from_meta, read_meta
+    from megatron_alp.convert.pipeline import build_for_conversion
     from megatron_alp.model.sharding import full_state_dict
 
     m = _mdir(root, "qwen2", (1, 2))

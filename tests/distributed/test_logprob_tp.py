@@ -45,8 +45,8 @@ def _reference(full, target, temperature, vocab_size, gl, gh):
 
 
 def _worker(rank, world_size):
-    from megatron.core import parallel_state as ps
     import pytest
+    from megatron.core import parallel_state as ps
 
     from megatron_alp.config import ParallelConfig
     from megatron_alp.ops.logprob import vocab_parallel_logprobs

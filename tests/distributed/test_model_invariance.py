@@ -12,13 +12,22 @@ import pytest
 import torch
 
 from megatron_alp.runtime.spawn import run_world
-
-from tests.distributed.layouts import (V, batch, build, ce_loss, gather_tp_logits, make_cfg, positions,
-                                      schedule_loss, wrap_ddp)
+from tests.distributed.layouts import (
+    V,
+    batch,
+    build,
+    ce_loss,
+    gather_tp_logits,
+    make_cfg,
+    positions,
+    schedule_loss,
+    wrap_ddp,
+)
 
 
 def _world(rank, world_size, tie):
     from megatron.core.distributed import finalize_model_grads
+
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
     from megatron_alp.runtime.grad_clip import grad_norm
 

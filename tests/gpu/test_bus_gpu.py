@@ -62,7 +62,7 @@ def _nccl_peer(port, q):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs for two ranks")
 def test_nccl_group_broadcasts_a_flattened_bucket():
     from rollout.bus.distributed import flatten_bucket, join_update_group
-    from rollout.engines.launcher import free_port
+    from rollout.engines.processes import free_port
 
     port = free_port()
     ctx = mp.get_context("spawn")

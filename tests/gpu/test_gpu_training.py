@@ -12,10 +12,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _world(rank, world_size, dtype):
-    from megatron_alp.actor import Actor, RLBatch
     from megatron_alp.model.alp import alp_block_spec
-    from megatron_alp.optim import Optimizer, wrap_ddp
-
+    from megatron_alp.trainer.actor import Actor, RLBatch
+    from megatron_alp.trainer.optim import Optimizer, wrap_ddp
     from tests.distributed.layouts import V, build, make_cfg
 
     cfg = make_cfg(extra=[f"precision.train={dtype}", "alp.enabled=true", "run.micro_batch_size=2",

@@ -14,8 +14,8 @@ from rollout.bus import DiskBus
 from rollout.bus.commit import CommitError, begin_session, commit, disk_apply, session_apply
 from rollout.bus.sender import DistributedSender
 from rollout.config import ClientConfig, LocalEngineConfig, RolloutConfig
-from rollout.engines.launch import launch_engines, make_fleet
 from rollout.engines.protocol import EngineHTTPError, sampling_params
+from rollout.engines.start import make_fleet, start_engines
 from rollout.tiny_model import make_tiny_model
 
 CLIENT = ClientConfig(max_retries=0, retry_backoff_s=0.05, request_timeout_s=120, control_timeout_s=120)
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     model_dir = make_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=5, init_std=0.2)
     cfg = RolloutConfig(engine="local", precision="fp32", num_engines=2, base_port=0, model_path=model_dir,
                         startup_timeout_s=180, client=CLIENT, local=LocalEngineConfig(batch_wait_ms=1))
-    launched = launch_engines(cfg, log_dir=str(tmp_path_factory.mktemp("logs")))
+    launched = start_engines(cfg, log_dir=str(tmp_path_factory.mktemp("logs")))
     fleet = make_fleet(cfg, launched)
     bus = DiskBus(str(tmp_path_factory.mktemp("bus")), keep=2)
     try:

@@ -5,8 +5,8 @@ import asyncio
 import pytest
 
 from rollout.config import ClientConfig, LocalEngineConfig, RolloutConfig
-from rollout.engines.launch import launch_engines, make_fleet
 from rollout.engines.protocol import sampling_params
+from rollout.engines.start import make_fleet, start_engines
 from rollout.fleet import FleetExhausted
 from rollout.tiny_model import make_tiny_model
 
@@ -19,7 +19,7 @@ def engines(tmp_path_factory):
     cfg = RolloutConfig(engine="local", precision="fp32", num_engines=2, base_port=0, model_path=model,
                         startup_timeout_s=180, local=LocalEngineConfig(max_batch_size=8, batch_wait_ms=10),
                         client=ClientConfig(max_retries=1, retry_backoff_s=0.05, request_timeout_s=300))
-    launched = launch_engines(cfg, log_dir=str(tmp_path_factory.mktemp("logs")))
+    launched = start_engines(cfg, log_dir=str(tmp_path_factory.mktemp("logs")))
     try:
         yield cfg, launched
     finally:

@@ -13,8 +13,8 @@ from aiohttp import ClientSession
 from rollout.config import ClientConfig, LocalEngineConfig, RolloutConfig
 from rollout.data import Prompt
 from rollout.engines.client import EngineClient
-from rollout.engines.launch import launch_engines, make_fleet
 from rollout.engines.protocol import EngineHTTPError, sampling_params
+from rollout.engines.start import make_fleet, start_engines
 from rollout.generate import RolloutGenerator
 from rollout.tiny_model import make_tiny_model
 
@@ -36,7 +36,7 @@ def cfg(model_dir):
 
 @pytest.fixture(scope="module")
 def engine(cfg, tmp_path_factory):
-    launched = launch_engines(cfg, log_dir=str(tmp_path_factory.mktemp("logs")))
+    launched = start_engines(cfg, log_dir=str(tmp_path_factory.mktemp("logs")))
     try:
         yield launched
     finally:

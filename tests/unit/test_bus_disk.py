@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from rollout.bus import ChecksumError, DiskBus, VersionError, read_manifest, verify
+from rollout.bus.disk import iter_verified_files
 from rollout.bus.distributed import flatten_bucket, unflatten_bucket
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, dequantize, error_bound, quantize_named
-from rollout.bus.disk import iter_verified_files
 from rollout.bus.manifest import CHECKSUMS, CHUNK_BYTES, INDEX, MANIFEST, BusError, tensor_digest
 from rollout.bus.versions import is_older, staleness, staleness_stats
 

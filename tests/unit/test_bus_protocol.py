@@ -1,7 +1,11 @@
 """The weight-update requests the bus sends carry only fields of SGLang 0.5.23's io_struct.py."""
 
-from rollout.engines.protocol import (generate_payload, init_weights_update_group_payload,
-                                      update_weights_from_distributed_payload, update_weights_from_tensor_payload)
+from rollout.engines.protocol import (
+    generate_payload,
+    init_weights_update_group_payload,
+    update_weights_from_distributed_payload,
+    update_weights_from_tensor_payload,
+)
 
 # Read from sglang 0.5.23 srt/managers/io_struct.py.
 INIT_GROUP_0_5_23 = {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}

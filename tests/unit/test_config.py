@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_alp.config import ConfigError, Config, ParallelConfig, dump_yaml, load_config
+from megatron_alp.config import Config, ConfigError, ParallelConfig, dump_yaml, load_config
 from megatron_alp.config.loader import CONFIG_ROOT
 from megatron_alp.runtime.distributed import validate_layout
 

@@ -15,8 +15,13 @@ import shutil
 import pytest
 import torch
 
-from megatron_alp.convert import ShapeMismatchError, UnsupportedModelError, WeightMap, model_config_from_hf, \
-    read_hf_config
+from megatron_alp.convert import (
+    ShapeMismatchError,
+    UnsupportedModelError,
+    WeightMap,
+    model_config_from_hf,
+    read_hf_config,
+)
 from megatron_alp.convert.reshape import RESHAPES, Dims, qkv_to_megatron
 from tests.distributed.convert_models import KINDS, make_hf_model, read_hf_tensors
 

@@ -81,7 +81,7 @@ def test_experiment_config_loads_strictly(path):
                                                                              "drpo_precision", "mini_repro")
                                   and _runnable(p)], ids=lambda p: p.relative_to(EXP).as_posix())
 def test_batch_layout_fits_its_node(path, monkeypatch):
-    from megatron_alp.trainer_setup import load_and_check
+    from megatron_alp.trainer.setup import load_and_check
 
     cpu = path.parent.name == "mini_repro"
     monkeypatch.setenv("WORLD_SIZE", "1" if cpu else "8")

@@ -4,7 +4,6 @@ with the numbers, and the memory estimate is what docs/slurm.md writes down."""
 from __future__ import annotations
 
 import os
-
 import subprocess
 import sys
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from megatron_alp.metrics_merge import merge_updates
-from megatron_alp.monitor import TensorBoardMonitor, terminal_line
+from megatron_alp.trainer.monitor import TensorBoardMonitor, terminal_line
+from megatron_alp.trainer.step_metrics import merge_updates
 
 
 def test_merge_updates_rules():

@@ -13,7 +13,6 @@ from megatron_alp.algo.objectives import (
     normalizer_count,
     token_losses,
 )
-
 from tests.unit._objective_cases import HP
 
 D = torch.float64

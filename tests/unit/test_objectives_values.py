@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from megatron_alp.algo.objectives import OBJECTIVES, aggregate, kl_penalty, token_losses
-
 from tests.unit._objective_cases import HP
 
 D = torch.float64

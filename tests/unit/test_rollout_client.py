@@ -8,7 +8,7 @@ from aiohttp import web
 
 from rollout.config import ClientConfig
 from rollout.engines.client import EngineClient
-from rollout.engines.launcher import free_port
+from rollout.engines.processes import free_port
 from rollout.engines.protocol import EngineHTTPError, EngineUnavailable, MalformedResponse, sampling_params
 
 FAST = ClientConfig(max_retries=3, retry_backoff_s=0.01, request_timeout_s=5, connect_timeout_s=2)

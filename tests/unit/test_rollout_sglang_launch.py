@@ -10,9 +10,9 @@ import time
 import pytest
 
 from rollout.config import RolloutConfig, SGLangConfig
-from rollout.engines.launch import launch_engines, local_engine_command
-from rollout.engines.launcher import LaunchError, ServerProcess, free_port
+from rollout.engines.processes import LaunchError, ServerProcess, free_port
 from rollout.engines.sglang import router_command, sglang_server_command
+from rollout.engines.start import local_engine_command, start_engines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -136,7 +136,7 @@ def test_launch_engines_builds_sglang_fleet_through_the_configured_python(fake, 
     wrapper.chmod(0o755)
     cfg = RolloutConfig(engine="sglang", num_engines=2, base_port=0, startup_timeout_s=30,
                         sglang=SGLangConfig(python=str(wrapper)))
-    launched = launch_engines(cfg, model_path="/some/model", log_dir=str(tmp_path / "logs"))
+    launched = start_engines(cfg, model_path="/some/model", log_dir=str(tmp_path / "logs"))
     try:
         assert len(launched.urls) == 2 and len(set(launched.urls)) == 2
         assert all(s.healthy() for s in launched.servers)
@@ -148,7 +148,7 @@ def test_launch_engines_builds_sglang_fleet_through_the_configured_python(fake, 
 
 
 def test_attach_starts_nothing():
-    launched = launch_engines(RolloutConfig(urls=["http://10.0.0.1:30000"]))
+    launched = start_engines(RolloutConfig(urls=["http://10.0.0.1:30000"]))
     assert launched.urls == ["http://10.0.0.1:30000"] and launched.servers == []
 
 
@@ -158,7 +158,7 @@ def test_sigterm_stops_launched_servers(fake, tmp_path):
     script = textwrap.dedent(f'''
         import sys, time
         sys.path.insert(0, {ROOT!r})
-        from rollout.engines.launcher import ServerProcess
+        from rollout.engines.processes import ServerProcess
         s = ServerProcess([sys.executable, {fake!r}, "ok", "--port", "{port}"], "http://127.0.0.1:{port}",
                           {str(tmp_path / "child.log")!r}).start()
         s.wait_healthy(30)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_alp.config.loader import CONFIG_ROOT
-from megatron_alp.trainer_setup import load_and_check
+from megatron_alp.trainer.setup import load_and_check
 
 DEMO = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 BASE = ["model.hf_path=/nonexistent", "rollout.data.path=/nonexistent"]
@@ -39,7 +39,7 @@ def test_half_precision_training_refused_on_cpu(monkeypatch, dtype):
 
 def test_written_config_hides_the_api_key(tmp_path):
     from megatron_alp.config import dump_yaml, load_config
-    from megatron_alp.trainer_setup import redacted
+    from megatron_alp.trainer.setup import redacted
 
     cfg = load_config(DEMO, BASE + ["rollout.api_key=s3cret-key"])
     dump_yaml(redacted(cfg), tmp_path / "config.yaml")

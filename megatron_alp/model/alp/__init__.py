@@ -1,8 +1,8 @@
 """ALP: Adaptive Layerwise Perturbation inside Megatron-Core layers (see docs/alp.md)."""
 
+from .params import is_alp_param, sigma_param_group_overrides, sigma_values
 from .perturb import Perturbation, alp_forward, current_context
 from .spec import PerturbedTransformerLayer, alp_block_spec, perturbed_layers
-from .params import is_alp_param, sigma_param_group_overrides, sigma_values
 
 __all__ = [
     "Perturbation", "PerturbedTransformerLayer", "alp_block_spec", "alp_forward", "current_context",

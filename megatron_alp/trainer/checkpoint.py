@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .runtime.rng import rng_state, set_rng_state
+from ..runtime.rng import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 

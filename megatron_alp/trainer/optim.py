@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .runtime.grad_clip import clip_grad_norm
+from ..runtime.grad_clip import clip_grad_norm
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def param_group_overrides(opt_cfg, alp=None) -> Dict:
     )
     overrides = {ParamKey(with_name_predicate=no_wd): {"wd_mult": 0.0}}
     if alp is not None and alp.enabled:
-        from .model.alp import sigma_param_group_overrides
+        from ..model.alp import sigma_param_group_overrides
 
         overrides.update(sigma_param_group_overrides(alp, opt_cfg.weight_decay))
     return overrides

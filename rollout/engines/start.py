@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config import RolloutConfig
-from .launcher import ServerProcess, free_port, redact, start_all
+from .processes import ServerProcess, free_port, redact, start_all
 from .sglang import router_command, sglang_server_command
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def local_engine_command(cfg: RolloutConfig, model_path: str, port: int, *, inde
 
 @dataclass
 class LaunchedEngines:
-    """What :func:`launch_engines` started; ``stop()`` stops it all by pid."""
+    """What :func:`start_engines` started; ``stop()`` stops it all by pid."""
 
     servers: List[ServerProcess] = field(default_factory=list)
     urls: List[str] = field(default_factory=list)
@@ -51,7 +51,7 @@ class LaunchedEngines:
         self.stop()
 
 
-def launch_engines(cfg: RolloutConfig, model_path: Optional[str] = None,
+def start_engines(cfg: RolloutConfig, model_path: Optional[str] = None,
                    log_dir: Optional[str] = None) -> LaunchedEngines:
     """Start ``cfg.num_engines`` engines (and a router if configured); wait until all are healthy.
 

@@ -14,12 +14,12 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from ..config import Config, dump_yaml, load_config
+from ..model.alp import alp_block_spec
+from ..model.builder import build_gpt_model
+from ..runtime.distributed import Layout, init_distributed, init_parallel_state, validate_layout
 from .actor import Actor
-from .config import Config, dump_yaml, load_config
-from .model.alp import alp_block_spec
-from .model.builder import build_gpt_model
 from .optim import Optimizer, wrap_ddp
-from .runtime.distributed import Layout, init_distributed, init_parallel_state, validate_layout
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def load_initial_weights(cfg: Config, model) -> None:
     if cfg.checkpoint.load is None:
         logger.warning("checkpoint.load is not set: the policy starts from a random init")
         return
-    from .convert import load_megatron_checkpoint
+    from ..convert import load_megatron_checkpoint
 
     load_megatron_checkpoint(model, cfg.checkpoint.load)
 

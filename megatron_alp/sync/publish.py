@@ -34,8 +34,8 @@ from rollout.bus.disk import DiskBus, hash_pool, version_dirname
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
 
-from .convert.hf_config import hf_config_for_export, read_hf_config
-from .convert.mapping import WeightMap
+from ..convert.hf_config import hf_config_for_export, read_hf_config
+from ..convert.mapping import WeightMap
 from .export import EXPORT_DTYPES, buckets, export_role, iter_hf_tensors
 
 logger = logging.getLogger(__name__)

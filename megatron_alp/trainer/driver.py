@@ -15,8 +15,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from ..algo.advantages import compute_advantages
 from .actor import RLBatch
-from .algo.advantages import compute_advantages
 from .batching import collate
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class RolloutDriver:
         from transformers import AutoTokenizer
 
         from rollout.data import PromptStream, load_prompts
-        from rollout.engines.launch import launch_engines, make_fleet
+        from rollout.engines.start import make_fleet, start_engines
         from rollout.generate import RolloutGenerator
 
         self.cfg = cfg
@@ -40,7 +40,7 @@ class RolloutDriver:
         else:
             logger.info("starting rollout engines (%s x%d) on %s", cfg.rollout.engine, cfg.rollout.num_engines,
                         engine_model_path)
-        self.engines = launch_engines(cfg.rollout, model_path=engine_model_path, log_dir=log_dir)
+        self.engines = start_engines(cfg.rollout, model_path=engine_model_path, log_dir=log_dir)
         try:
             self.fleet = make_fleet(cfg.rollout, self.engines)
             self.generator = RolloutGenerator(self.fleet, self.tokenizer, cfg.rollout)

@@ -8,7 +8,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .model.alp import is_alp_param
+from ..model.alp import is_alp_param
 
 
 def merge_updates(per_update: List[Dict]) -> Dict:
@@ -45,7 +45,7 @@ def merge_step_metrics(per_update: List[Dict], src_rank: int) -> Dict:
 
 def sigma_metrics(model, ddp) -> Dict:
     """ALP's sigma per layer (every pipeline stage's), their stats and histogram, the gradient norm."""
-    from .model.sharding import named_global_parameters
+    from ..model.sharding import named_global_parameters
 
     mine = {}
     for name, p in named_global_parameters(model):  # global layer numbers: stages do not collide

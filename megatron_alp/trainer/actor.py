@@ -24,10 +24,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .algo.metrics import compute_metrics
-from .algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
-from .model.alp import alp_forward
-from .ops.logprob import vocab_parallel_logprobs
+from ..algo.metrics import compute_metrics
+from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
+from ..model.alp import alp_forward
+from ..ops.logprob import vocab_parallel_logprobs
 
 logger = logging.getLogger(__name__)
 

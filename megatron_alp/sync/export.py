@@ -11,7 +11,7 @@ Who does what (collective over each TP group; data-parallel replicas hold the sa
 
 So a rank holds at most one full parameter plus one bucket, never the whole model: each pipeline
 stage exports its own layers (global layer indices) and the caller decides where they go (disk
-shards per stage, or a broadcast group per stage; see :mod:`megatron_alp.publish`).
+shards per stage, or a broadcast group per stage; see :mod:`megatron_alp.sync.publish`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .convert.mapping import WeightMap
-from .model.alp.params import is_alp_param
-from .model.sharding import gather_full, named_global_parameters
+from ..convert.mapping import WeightMap
+from ..model.alp.params import is_alp_param
+from ..model.sharding import gather_full, named_global_parameters
 
 # Rollout precision -> dtype of the exported tensors (fp8: bf16 plus FP8 linear weights).
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}

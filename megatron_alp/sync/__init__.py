@@ -1,0 +1,1 @@
+"""The trainer's side of the checkpoint bus: export (Megatron shards -> HF-named tensors), publish, weight sync."""
