@@ -47,7 +47,7 @@ def train(cfg) -> Dict[str, float]:
         if rank == 0:
             from .trainer.driver import RolloutDriver
 
-            driver = RolloutDriver(cfg, t.run_dir, cfg.model.hf_path, engine_path)
+            driver = RolloutDriver(cfg, t.run_dir, cfg.model.hf_path, engine_path, sync.engine_start_version)
             if data_state:
                 driver.stream.load_state_dict(data_state)
             with open(f"{t.run_dir}/config.yaml") as f:  # written redacted by setup()
@@ -95,7 +95,7 @@ def train(cfg) -> Dict[str, float]:
             stopping = stop.any_rank()
             if (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0) or \
                     step + 1 == cfg.run.steps or stopping or give_up:
-                meta = {"bus_version": version, "data": driver.stream.state_dict() if rank == 0 else None}
+                meta = {"bus_version": version, "data": driver.data_state(step + 1) if rank == 0 else None}
                 meta = _from_rank0(meta)
                 save_checkpoint(ckpt_root, step + 1, [t.ddp], t.optimizer, meta, t.layout)
             if give_up:

@@ -206,6 +206,14 @@ class RolloutConfig:
     """KV cache dtype passed to SGLang (the local engine keeps its cache in the compute dtype)."""
     max_concurrent_requests: int = 512
     """/generate requests in flight across the fleet (client-side back-pressure)."""
+    max_staleness: int = 0
+    """Asynchronous rollout (docs/trainer.md): 0 = generate, then train, in series; k >= 1 = the
+    engines keep generating while the trainer trains, and step s trains only on groups generated
+    by weight versions >= s - k."""
+    span_policy: Literal["reissue", "keep"] = "reissue"
+    """Asynchronous rollout: a response whose generation spans a weight update is aborted and
+    re-issued on the new weights (reissue), or paused in place and continued on them (keep; its
+    staleness counts from the version it started on). See rollout/producer.py."""
     reward: str = "math"
     """Reward function: `math` (math-verify on the boxed answer), `synthetic`, or a dotted path
     `package.module:function` (signature in docs/rollout.md)."""
@@ -240,6 +248,10 @@ class RolloutConfig:
         if not 0 <= self.base_port < 65536:
             raise ValueError(f"rollout.base_port must be in [0, 65535], got {self.base_port}")
         _positive("rollout", self, "startup_timeout_s", "max_concurrent_requests")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.span_policy not in ("reissue", "keep"):
+            raise ValueError(f"rollout.span_policy must be reissue or keep, got {self.span_policy!r}")
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: '{url}' is not an http(s) URL")

@@ -86,6 +86,10 @@ class RolloutGenerator:
             value = await value
         return float(value)
 
+    async def generate_sample(self, prompt: Prompt, group_id: int, index: int, seed: Optional[int] = None) -> Sample:
+        """Sample ``index`` of ``prompt``'s group, alone (the same seed as in :meth:`generate_group`)."""
+        return await self._one(prompt, group_id, index, seed)
+
     async def generate_group(self, prompt: Prompt, group_id: int, seed: Optional[int] = None) -> List[Sample]:
         """``cfg.n_samples`` samples of one prompt (one GRPO group)."""
         return list(await asyncio.gather(*(self._one(prompt, group_id, i, seed) for i in range(self.cfg.n_samples))))

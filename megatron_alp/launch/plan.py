@@ -125,7 +125,8 @@ def render(c: Checked) -> str:
                      f"{len(p.engine_urls)} in all, ports {p.engine_ports}")
     r, run = cfg.rollout, cfg.run
     lines.append(f"  batch    {run.prompts_per_step} prompts x {r.n_samples} samples, "
-                 f"{run.mini_batches_per_step} optimizer steps per rollout, micro-batch {run.micro_batch_size}")
+                 f"{run.mini_batches_per_step} optimizer steps per rollout, micro-batch {run.micro_batch_size}, "
+                 f"max_staleness {r.max_staleness}{f' ({r.span_policy})' if r.max_staleness else ' (synchronous)'}")
     lines.append("trainer memory per GPU (estimate; docs/slurm.md):" if p.gpus_per_node else
                  "trainer memory per process (estimate; a CPU job: not checked):")
     lines += ["  " + s for s in c.trainer_mem.lines()]

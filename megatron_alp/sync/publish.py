@@ -80,7 +80,7 @@ class Publisher:
     """Publishes a Megatron model's weights as bus versions (see the module docstring)."""
 
     def __init__(self, bus, model, *, precision: str = "fp32", hf_config: Optional[Dict[str, Any]] = None,
-                 tokenizer_dir: Optional[str] = None):
+                 tokenizer_dir: Optional[str] = None, pause_mode: str = "abort"):
         if precision not in EXPORT_DTYPES:
             raise ValueError(f"rollout precision must be one of {sorted(EXPORT_DTYPES)}, got {precision!r}")
         self.cfg, self.model = bus, model
@@ -90,6 +90,7 @@ class Publisher:
         self.bucket_bytes = int(bus.bucket_mb) * 2 ** 20
         self.tokenizer_dir = tokenizer_dir or model.hf_path
         self._hf_config = hf_config
+        self.pause_mode = pause_mode  # how the fleet pauses generation for an update (rollout.span_policy)
         self.disk = (DiskBus(bus.dir, bus.keep, fsync=bus.fsync, checksum=bus.checksum)
                      if bus.backend == "disk" else None)
         if bus.backend == "tensor":
@@ -240,7 +241,7 @@ class Publisher:
         if fleet is None:
             return ("error", f"bus.backend = {self.cfg.backend} needs the fleet on rank 0 (publish(..., fleet=fleet))")
         try:
-            failed = run_sync(begin_session(fleet))
+            failed = run_sync(begin_session(fleet, self.pause_mode))
             clients = [c for c in fleet.live_clients if c.url not in failed]
             ranks = [run_sync(_engine_ranks(c)) for c in clients]
         except Exception as e:
@@ -284,7 +285,8 @@ class Publisher:
         from rollout.aio import run_sync
         from rollout.bus.commit import commit, disk_apply, session_apply
 
-        common = dict(retries=self.cfg.retries, on_failure=self.cfg.on_engine_failure, spot_check=spot_check)
+        common = dict(retries=self.cfg.retries, on_failure=self.cfg.on_engine_failure, spot_check=spot_check,
+                      pause_mode=self.pause_mode)
         if published.backend == "disk":
             return run_sync(commit(fleet, published.version, disk_apply(published.path, published.version), **common))
         return run_sync(commit(fleet, published.version, session_apply(published.version), already_paused=True,
@@ -306,4 +308,9 @@ async def _engine_ranks(client) -> int:
 
 def make_publisher(cfg) -> Publisher:
     """A :class:`Publisher` for the full config (bus section, model section, rollout precision)."""
-    return Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision, tokenizer_dir=cfg.model.hf_path)
+    from rollout.producer import SPAN_POLICIES
+
+    # Synchronous rollout has nothing in flight at an update; asynchronous follows rollout.span_policy.
+    pause_mode = SPAN_POLICIES[cfg.rollout.span_policy] if cfg.rollout.max_staleness > 0 else "abort"
+    return Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision, tokenizer_dir=cfg.model.hf_path,
+                     pause_mode=pause_mode)

@@ -28,6 +28,9 @@ class WeightSync:
         self._commit_initial = False
         self._initial_pub = None
         self._resume_version = 0
+        self.engine_start_version = None
+        """The bus version launched engines start on (disk backend), which they must report;
+        None: they start on the HF checkpoint and report ``rollout.weight_version``."""
 
     def initial(self, version: int, resumed: bool) -> str:
         """Collective: publish the starting weights; returns the path engines start from (rank 0)."""
@@ -36,6 +39,7 @@ class WeightSync:
         if self.cfg.bus.backend == "disk":
             self._initial_pub = self.publisher.publish(version, [self.trainer.ddp], rewind=resumed)
             self._commit_initial = attached
+            self.engine_start_version = version  # they start on this version's directory
             return self._initial_pub.path
         self._pending_push = resumed or attached
         return self.cfg.model.hf_path

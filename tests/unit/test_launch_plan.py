@@ -133,3 +133,11 @@ def test_shell_dry_run_of_the_7b_script():
     outside = subprocess.run(["bash", "slurm/train_7b_alp.sh"], cwd=REPO, capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "ALP_PYTHON": sys.executable})
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+
+
+def test_plan_shows_the_rollout_staleness(paths):
+    from megatron_alp.launch.plan import render
+
+    assert "max_staleness 0 (synchronous)" in render(check_job(_spec("7b", paths)))
+    text = render(check_job(_spec("7b", paths + ["rollout.max_staleness=2", "rollout.span_policy=keep"])))
+    assert "max_staleness 2 (keep)" in text
