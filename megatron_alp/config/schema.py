@@ -243,7 +243,10 @@ class RunConfig:
     mini_batches_per_step: int = 1
     """Optimizer steps per rollout batch (policy staleness)."""
     micro_batch_size: int = 4
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (padded micro-batches)."""
+    max_tokens_per_micro_batch: int = 0
+    """Sequence packing (docs/trainer.md): > 0 = samples packed end to end into micro-batches of at
+    most this many tokens (micro_batch_size is then unused); 0 = padded micro-batches."""
     max_nonfinite_steps: int = 3
     """Consecutive non-finite losses after which the run stops."""
 
@@ -299,3 +302,6 @@ class Config:
                 raise ValueError(f"alp.layers has indices {bad} outside [0, model.num_layers = {m.num_layers})")
         if self.run.micro_batch_size < 1:
             raise ValueError(f"run.micro_batch_size must be >= 1, got {self.run.micro_batch_size}")
+        if self.run.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"run.max_tokens_per_micro_batch must be >= 0 (0 = padding), got "
+                             f"{self.run.max_tokens_per_micro_batch}")

@@ -26,8 +26,10 @@ import torch.distributed as dist
 
 from ..algo.metrics import compute_metrics
 from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
-from ..model.alp import alp_forward
+from ..model.alp import alp_forward, token_codes
+from ..model.specs import have_transformer_engine
 from ..ops.logprob import vocab_parallel_logprobs
+from .packing import PackedMicroBatch, make_packs, packed_seq_params, packs_needed
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class RLBatch:
     advantages: torch.Tensor  # [N] fp32
     old_logp: Optional[torch.Tensor] = None  # [N, L]
     ref_logp: Optional[torch.Tensor] = None  # [N, L]
+    sample_ids: Optional[torch.Tensor] = None  # [N] int64: identity in the step's batch (keys ALP's noise)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -65,6 +68,7 @@ class Actor:
         self.hparams = cfg.algorithm.objective_hparams()
         self.vocab_size = cfg.model.vocab_size
         self.temperature = cfg.rollout.temperature
+        self._thd = torch.cuda.is_available() and have_transformer_engine()  # packed: THD on TE, else a mask
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -72,7 +76,15 @@ class Actor:
     def is_last_stage(self) -> bool:
         return self.ps.is_pipeline_last_stage()
 
-    def _micro_batches(self, batch: RLBatch) -> List[RLBatch]:
+    def _micro_batches(self, batch: RLBatch) -> List:
+        """Padded micro-batches of ``run.micro_batch_size`` rows, or packed ones under the token
+        budget (``run.max_tokens_per_micro_batch``; trainer/packing.py), as many on every DP rank."""
+        budget = self.cfg.run.max_tokens_per_micro_batch
+        if budget > 0:
+            count = torch.tensor([packs_needed(batch, budget)])
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
+            tp = self.ps.get_tensor_model_parallel_world_size()
+            return make_packs(batch, budget, int(count), pad_multiple=tp if self.cfg.parallel.sequence_parallel else 1)
         mbs = self.cfg.run.micro_batch_size
         return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
 
@@ -99,10 +111,21 @@ class Actor:
         def forward_step(data_iterator, model):
             i, mb = next(data_iterator)
             tokens = mb.tokens
-            pos = torch.arange(seq_len, device=tokens.device)[None].expand(tokens.shape[0], -1)
-            ctx = alp_forward(perturb_step, i) if perturb_step is not None else contextlib.nullcontext()
+            kwargs = {}
+            if isinstance(mb, PackedMicroBatch):
+                pos = mb.positions.to(tokens.device)
+                if self._thd:
+                    kwargs["packed_seq_params"] = packed_seq_params(mb, tokens.device)
+                    mask = None
+                else:
+                    mask = mb.attention_mask().to(tokens.device)
+            else:
+                pos = torch.arange(seq_len, device=tokens.device)[None].expand(tokens.shape[0], -1)
+                mask = None
+            ctx = alp_forward(perturb_step, i, _token_codes(mb)) if perturb_step is not None else \
+                contextlib.nullcontext()
             with ctx:
-                output = model(tokens, pos, None)
+                output = model(tokens, pos, mask, **kwargs)
             return output, (lambda out, mb=mb: loss_fn(out, mb))
 
         return get_forward_backward_func()(
@@ -121,13 +144,22 @@ class Actor:
 
         def loss_fn(logits, mb):
             lp, _ = self._logprobs(logits, mb.tokens, with_entropy=False)
-            out.append(lp.detach())
+            out.append(mb.unpack(lp.detach()) if isinstance(mb, PackedMicroBatch) else lp.detach())
             return logits.new_zeros(()), {}
 
-        self._run_schedule(self._micro_batches(batch), forward_only=True, loss_fn=loss_fn, perturb_step=None)
+        micro = self._micro_batches(batch)
+        self._run_schedule(micro, forward_only=True, loss_fn=loss_fn, perturb_step=None)
         for c in self.chunks:
             c.train()
-        return torch.cat(out) if self.is_last_stage else None
+        if not self.is_last_stage:
+            return None
+        if micro and isinstance(micro[0], PackedMicroBatch):  # back to the batch's row order
+            full = torch.zeros(batch.tokens.shape, dtype=out[0].dtype)
+            for mb, lp in zip(micro, out):
+                if not mb.dummy:
+                    full[mb.index, :lp.shape[1]] = lp
+            return full
+        return torch.cat(out)
 
     # -- the policy update ----------------------------------------------------------------------
 
@@ -149,8 +181,12 @@ class Actor:
         stash: List[dict] = []
         want_entropy = True  # entropy is logged every step (policy/entropy), not only when it is in the loss
 
-        def loss_fn(logits, mb: RLBatch):
+        def loss_fn(logits, mb):
             lp, ent = self._logprobs(logits, mb.tokens, with_entropy=want_entropy)
+            packed = mb if isinstance(mb, PackedMicroBatch) else None
+            if packed is not None:  # per-token values back to the samples' rows (trainer/packing.py)
+                lp, ent = packed.unpack(lp), (packed.unpack(ent) if ent is not None else None)
+                mb = packed.rows
             per_tok = token_losses(algo.objective, lp, mb.rollout_logp, mb.advantages, mb.loss_mask,
                                    old_logp=mb.old_logp, **self.hparams)
             loss = aggregate(per_tok, mb.loss_mask, algo.aggregation, horizon=algo.horizon, normalizer=normalizer)
@@ -161,8 +197,9 @@ class Actor:
             if algo.entropy_coef > 0:
                 loss = loss - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.aggregation,
                                                             horizon=algo.horizon, normalizer=normalizer)
-            stash.append({"lp": lp.detach(), "ent": ent.detach() if ent is not None else None, "mb": mb,
-                          "loss": loss.detach().clone()})
+            if packed is None or not packed.dummy:
+                stash.append({"lp": lp.detach(), "ent": ent.detach() if ent is not None else None, "mb": mb,
+                              "loss": loss.detach().clone()})
             return loss * scale, {}
 
         self.optimizer.zero_grad()
@@ -211,3 +248,21 @@ class Actor:
         result = {k: (v.tolist() if v.dim() else float(v)) for k, v in out.items()}
         result["train/loss"] = float(total)
         return result
+
+
+def _token_codes(mb) -> torch.Tensor:
+    """[b, s] identities of the micro-batch's tokens (sample id, index in the sample) for ALP's noise,
+    so a token is perturbed alike padded or packed, in any micro-batch, on any DP rank. A batch
+    without ``sample_ids`` uses its row numbers (then the identity is only local to this batch)."""
+    if isinstance(mb, PackedMicroBatch):
+        ids = _sample_ids(mb.rows)
+        codes = torch.full(mb.tokens.shape, -1, dtype=torch.int64)  # the end padding: never counted
+        for k, (s, n) in enumerate(zip(mb.starts, mb.lengths)):
+            codes[0, s:s + n] = token_codes(ids[k].expand(n), torch.arange(n))
+        return codes
+    n, L = mb.tokens.shape
+    return token_codes(_sample_ids(mb)[:, None].expand(n, L), torch.arange(L)[None].expand(n, L))
+
+
+def _sample_ids(batch) -> torch.Tensor:
+    return batch.sample_ids if batch.sample_ids is not None else torch.arange(len(batch))

@@ -42,7 +42,7 @@ def collate(samples: Sequence, advantages: torch.Tensor, pad_id: int = 0, pad_mu
     # Masked tokens (tool observations) carry a placeholder log-prob: make sure it cannot leak.
     rollout_logp = torch.where(mask > 0, rollout_logp, torch.zeros_like(rollout_logp))
     return RLBatch(tokens=tokens, loss_mask=mask, rollout_logp=rollout_logp,
-                   advantages=advantages.to(torch.float32))
+                   advantages=advantages.to(torch.float32), sample_ids=torch.arange(n))
 
 
 def dp_shard(batch: RLBatch, dp_rank: int, dp_size: int) -> RLBatch:

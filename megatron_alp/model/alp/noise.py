@@ -12,13 +12,18 @@ Box-Muller, emitting the cosine output at k and the sine output at k + BH/2. Tai
 truncated at sqrt(-2 ln(2^-17)) = 4.85 sigma (mass beyond: 1.2e-6); mean, variance and the
 fraction within one sigma are tested in tests/unit/test_alp.py.
 
+Token keying (sequence packing, trainer/packing.py): :func:`gaussian_codes` keys the noise of one
+token on its sample's identity and its index in the sample instead of its position in the
+micro-batch, so the same token gets the same noise padded or packed, in any micro-batch, on any
+DP rank. The actor uses it for every policy update.
+
 (The counter-based idea is Philox's, Salmon et al. 2011; the finaliser is MurmurHash3's fmix32.)
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -71,14 +76,43 @@ def gaussian_rows(rows: torch.Tensor, row_size: int, key: int, total_rows: int) 
         # Beyond 2^31 pairs: fold the high bits through the hash so distinct pairs stay distinct.
         base = rows.to(torch.int64)[:, None] * half + torch.arange(half, dtype=torch.int64, device=rows.device)
         idx = (base & _MASK32).to(torch.int32).bitwise_xor_(_fmix32((base >> 32).to(torch.int32)))
-    a = _fmix32(idx.bitwise_xor_(key))
+    return _box_muller(_fmix32(idx.bitwise_xor_(key)), row_size)
+
+
+def _box_muller(a: torch.Tensor, row_size: int) -> torch.Tensor:
+    """[R, row_size / 2] hashed int32 -> [R, row_size] fp32 normals (cosine half, sine half)."""
+    half = row_size // 2
     u1 = (a & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
     theta = (a >> 16).bitwise_and_(0xFFFF).to(torch.float32).mul_(2.0 * math.pi / 65536.0)
     r = u1.log_().mul_(-2.0).sqrt_()
-    out = torch.empty(rows.shape[0], row_size, dtype=torch.float32, device=rows.device)
+    out = torch.empty(a.shape[0], row_size, dtype=torch.float32, device=a.device)
     torch.mul(r, torch.cos(theta), out=out[:, :half])
     torch.mul(r, theta.sin_(), out=out[:, half:])
     return out
+
+
+def _int32(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of int64 values as (wrapped) int32."""
+    x = x & _MASK32
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def token_codes(sample_ids: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """int64 identity of a token: its sample's id (high 32 bits) and its index in the sample."""
+    return (sample_ids.to(torch.int64) << 32) | (token_index.to(torch.int64) & _MASK32)
+
+
+def gaussian_codes(codes: torch.Tensor, width: int, key: int) -> torch.Tensor:
+    """Noise [len(codes), width] fp32 for tokens identified by ``codes`` (see :func:`token_codes`):
+    a pure function of (key, code, element), whatever the token's position in a batch or pack."""
+    if width % 2:
+        raise ValueError(f"ALP token noise needs an even width (hidden size), got {width}")
+    half = width // 2
+    h = _fmix32(_int32(codes).bitwise_xor_(key))
+    h = _fmix32(h.bitwise_xor_(_fmix32(_int32(codes >> 32))))
+    golden = -1640531527  # 0x9E3779B9 as a signed int32
+    idx = h[:, None] + torch.arange(half, dtype=torch.int32, device=codes.device) * golden  # wraps
+    return _box_muller(_fmix32(idx), width)
 
 
 def global_rows(local_len: int, *, sp_rank: int = 0, sp_size: int = 1, cp_rank: int = 0, cp_size: int = 1,
@@ -100,8 +134,12 @@ def global_rows(local_len: int, *, sp_rank: int = 0, sp_size: int = 1, cp_rank: 
     return torch.where(first, cp_rank * chunk + idx, (2 * cp_size - 1 - cp_rank) * chunk + (idx - chunk))
 
 
-def noise_like(h: torch.Tensor, rows: torch.Tensor, key: int, total_rows: int) -> torch.Tensor:
-    """fp32 noise shaped like ``h`` ([s_local, *rest]) for the given global rows."""
+def noise_like(h: torch.Tensor, rows: torch.Tensor, key: int, total_rows: int,
+               codes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 noise shaped like ``h`` ([s_local, *rest]) for the given global rows; with ``codes``
+    ([s_local, b] token identities) keyed per token instead: ``h[s, b, :]`` gets ``codes[s, b]``'s."""
+    if codes is not None:
+        return gaussian_codes(codes.reshape(-1), math.prod(h.shape[2:]), key).reshape(h.shape)
     row_size = math.prod(h.shape[1:])
     return gaussian_rows(rows, row_size, key, total_rows).reshape(h.shape)
 

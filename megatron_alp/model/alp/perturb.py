@@ -26,6 +26,7 @@ from .noise import chunks, derive_key, global_rows, noise_like
 logger = logging.getLogger(__name__)
 
 CONTEXT_STATE = "alp-context"
+TOKENS_STATE = "alp-token-codes"  # [b, s] token identities (noise.token_codes) of the micro-batch
 # Rows of noise generated at once (bounds the transient int32/fp32 buffers to ~ this many rows).
 ROWS_PER_CHUNK = 256
 
@@ -36,13 +37,14 @@ def _tracker():
     return tensor_parallel.get_cuda_rng_tracker()
 
 
-def _set_context(value: Optional[torch.Tensor]) -> None:
+def _set_context(value: Optional[torch.Tensor], codes: Optional[torch.Tensor] = None) -> None:
     tracker = _tracker()
     states = tracker.get_states()
-    if value is None:
-        states.pop(CONTEXT_STATE, None)
-    else:
-        states[CONTEXT_STATE] = value
+    for name, v in ((CONTEXT_STATE, value), (TOKENS_STATE, codes)):
+        if v is None:
+            states.pop(name, None)
+        else:
+            states[name] = v
     # set_states marks the tracker initialised; keep whatever it held before.
     tracker.set_states(states)
 
@@ -55,30 +57,39 @@ def current_context() -> Optional[tuple]:
     return int(state[1]), int(state[2])
 
 
+def current_token_codes() -> Optional[torch.Tensor]:
+    """The micro-batch's token identities [b, s] when the noise is keyed per token, else None."""
+    return _tracker().get_states().get(TOKENS_STATE) if current_context() is not None else None
+
+
 @contextlib.contextmanager
-def alp_forward(step: int, micro_batch: int):
-    """Turn the perturbation on for the policy-update forward of (step, micro_batch)."""
-    previous = _tracker().get_states().get(CONTEXT_STATE)
-    _set_context(torch.tensor([1, int(step), int(micro_batch)], dtype=torch.int64))
+def alp_forward(step: int, micro_batch: int, token_codes: Optional[torch.Tensor] = None):
+    """Turn the perturbation on for the policy-update forward of (step, micro_batch).
+
+    ``token_codes`` ([b, s] int64, :func:`.noise.token_codes`): key the noise of each token on its
+    sample's identity and index (then neither the micro-batch nor the DP rank enters the key)."""
+    states = _tracker().get_states()
+    previous = (states.get(CONTEXT_STATE), states.get(TOKENS_STATE))
+    _set_context(torch.tensor([1, int(step), int(micro_batch)], dtype=torch.int64), token_codes)
     try:
         yield
     finally:
-        _set_context(previous)
+        _set_context(*previous)
 
 
 class _AddScaledNoise(torch.autograd.Function):
     """out = h + exp(log_sigma) * xi(key); xi regenerated in backward, never saved."""
 
     @staticmethod
-    def forward(ctx, h, log_sigma, key: int, rows: torch.Tensor, total_rows: int):
+    def forward(ctx, h, log_sigma, key: int, rows: torch.Tensor, total_rows: int, codes=None):
         # fp32 arithmetic (fp64 when h is fp64, for gradcheck); the noise itself is fp32.
         acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         sigma = log_sigma.detach().to(acc_dtype).exp()
         out = torch.empty_like(h)
         for sl in chunks(h.shape[0], ROWS_PER_CHUNK):
-            xi = noise_like(h[sl], rows[sl], key, total_rows).to(acc_dtype)
+            xi = noise_like(h[sl], rows[sl], key, total_rows, None if codes is None else codes[sl]).to(acc_dtype)
             torch.add(h[sl], xi.mul_(sigma).to(h.dtype), out=out[sl])
-        ctx.key, ctx.total_rows = key, total_rows
+        ctx.key, ctx.total_rows, ctx.codes = key, total_rows, codes
         ctx.save_for_backward(log_sigma, rows)
         return out
 
@@ -91,11 +102,12 @@ class _AddScaledNoise(torch.autograd.Function):
             sigma = log_sigma.detach().to(acc_dtype).exp()
             acc = torch.zeros((), dtype=acc_dtype, device=grad_out.device)
             for sl in chunks(grad_out.shape[0], ROWS_PER_CHUNK):
-                xi = noise_like(grad_out[sl], rows[sl], ctx.key, ctx.total_rows).to(acc_dtype)
+                codes = None if ctx.codes is None else ctx.codes[sl]
+                xi = noise_like(grad_out[sl], rows[sl], ctx.key, ctx.total_rows, codes).to(acc_dtype)
                 acc += (grad_out[sl].to(acc_dtype) * xi).sum()
             # d out / d log_sigma = sigma * xi
             grad_log_sigma = (acc * sigma).to(log_sigma.dtype).reshape(log_sigma.shape)
-        return grad_out, grad_log_sigma, None, None, None
+        return grad_out, grad_log_sigma, None, None, None, None
 
 
 class Perturbation(torch.nn.Module):
@@ -153,6 +165,11 @@ class Perturbation(torch.nn.Module):
         rows = global_rows(h.shape[0], sp_rank=tp_rank, sp_size=tp_size, cp_rank=cp_rank, cp_size=cp_size,
                            device=h.device)
         total_rows = h.shape[0] * tp_size * cp_size
+        codes = current_token_codes()
+        if codes is not None:  # keyed per token: [b, s_global] -> this rank's rows, [s_local, b]
+            codes = codes.to(h.device).t()[rows]
+            return _AddScaledNoise.apply(h, self.log_sigma, derive_key(self.base_seed, step, self.index), rows,
+                                         total_rows, codes)
         return _AddScaledNoise.apply(h, self.log_sigma, self.key(step, micro_batch), rows, total_rows)
 
     def extra_repr(self) -> str:
