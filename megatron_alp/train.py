@@ -18,7 +18,7 @@ from typing import Dict, List
 import torch.distributed as dist
 
 from .sync.weight_sync import WeightSync
-from .trainer.batching import dp_shard, mini_batches
+from .trainer.batching import dp_balanced_shard, dp_shard, mini_batches, split_rows
 from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .trainer.monitor import make_monitor, tensorboard_hint
 from .trainer.setup import StopFlag, load_and_check, setup
@@ -59,7 +59,7 @@ def train(cfg) -> Dict[str, float]:
             payload = [driver.rollout(step, version) if rank == 0 else None]
             dist.broadcast_object_list(payload, src=0)
             batch, rollout_metrics = payload[0]
-            local = dp_shard(batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+            local, sizes = _shard(cfg, batch, ps)
             t_train = time.perf_counter()
             # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch), reference.
             if cfg.algorithm.recompute_old_logp:
@@ -68,7 +68,8 @@ def train(cfg) -> Dict[str, float]:
                 local.ref_logp = t.ref_actor.compute_logprobs(local)
             # 3. mini-batch updates: staleness grows with each one.
             per_update: List[Dict] = []
-            for k, mb in enumerate(mini_batches(local, cfg.run.mini_batches_per_step)):
+            for k, mb in enumerate(split_rows(local, sizes) if sizes else
+                                   mini_batches(local, cfg.run.mini_batches_per_step)):
                 per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k))
             skipped = any(m.get("train/skipped_step", 0) > 0 for m in per_update)
             nonfinite = nonfinite + 1 if skipped else 0
@@ -112,6 +113,15 @@ def train(cfg) -> Dict[str, float]:
     if rank == 0 and cfg.logging.tensorboard:
         logger.info("TensorBoard logs: %s  (open with: %s)", f"{t.run_dir}/tensorboard", tensorboard_hint(t.run_dir))
     return last
+
+
+def _shard(cfg, batch, ps):
+    """This DP rank's rows: contiguous (padding), or balanced by tokens (packing; then also the
+    row count of each mini-batch)."""
+    rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if cfg.run.max_tokens_per_micro_batch > 0:
+        return dp_balanced_shard(batch, rank, size, cfg.run.mini_batches_per_step)
+    return dp_shard(batch, rank, size), None
 
 
 def _metrics_rank(ps) -> int:

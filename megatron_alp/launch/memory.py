@@ -118,7 +118,9 @@ def estimate_trainer(cfg, dp: int, precision: Optional[str] = None) -> TrainerMe
     weights = params * (2 if half else 4)
     grads = params * 4
     optimizer = params * (12 if half else 8) / max(dp, 1)
-    tokens = cfg.run.micro_batch_size * max_sequence_len(cfg) // max(p.cp, 1)
+    budget = cfg.run.max_tokens_per_micro_batch  # packing: the budget (a longer sample travels alone)
+    tokens = (max(budget, max_sequence_len(cfg)) if budget else cfg.run.micro_batch_size * max_sequence_len(cfg)) \
+        // max(p.cp, 1)
     per_layer = tokens * activation_bytes_per_token_layer(m, tp, p.sequence_parallel)
     layers = m.num_layers // pp
     micro_per_mini = _micro_batches_per_mini(cfg, dp)

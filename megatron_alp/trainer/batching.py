@@ -1,15 +1,14 @@
 """Rollout samples -> padded trainer tensors, and their split over data-parallel ranks.
 
-Padding, not packing: each rollout batch is right-padded to its longest sample (rounded up to a
-multiple of ``pad_multiple``, the TP size under sequence parallelism). Packing would save compute
-on very uneven lengths, but Megatron's pipeline schedule sends fixed-shape activations and
-packed attention (THD) needs Transformer Engine; with the response-length caps RL uses, padding
-costs little and keeps every layout on the same code path. Pad positions carry mask 0.
+Each rollout batch is right-padded to its longest sample (rounded up to a multiple of
+``pad_multiple``, the TP size under sequence parallelism); pad positions carry mask 0. With
+``run.max_tokens_per_micro_batch`` the actor packs these rows into token-budget micro-batches
+(trainer/packing.py) and :func:`dp_balanced_shard` balances tokens over DP ranks.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -61,3 +60,35 @@ def mini_batches(batch: RLBatch, count: int) -> List[RLBatch]:
         raise ValueError(f"{n} sequences do not split into {count} mini-batches")
     k = n // count
     return [batch.select(slice(i * k, (i + 1) * k)) for i in range(count)]
+
+
+def dp_balanced_shard(batch: RLBatch, dp_rank: int, dp_size: int, count: int) -> Tuple[RLBatch, List[int]]:
+    """Sequence packing's split: mini-batch k holds the same samples as :func:`dp_shard` +
+    :func:`mini_batches` give it (so the global loss normalisers do not change), but its rows go
+    to the DP ranks by token count (trainer/packing.py ``balance_over_dp``), GRPO groups free to
+    split. Returns this rank's rows (mini-batch by mini-batch) and each mini-batch's row count."""
+    from .packing import balance_over_dp, sample_lengths
+
+    n = len(batch)
+    if n % (dp_size * count):
+        raise ValueError(f"a batch of {n} sequences does not split over {dp_size} data-parallel ranks x "
+                         f"{count} mini-batches")
+    per_rank, per_mini = n // dp_size, n // dp_size // count
+    lengths = sample_lengths(batch)
+    mine: List[int] = []
+    sizes: List[int] = []
+    for k in range(count):
+        rows = [r * per_rank + k * per_mini + j for r in range(dp_size) for j in range(per_mini)]
+        chosen = [rows[i] for i in balance_over_dp([lengths[i] for i in rows], dp_size)[dp_rank]]
+        mine += chosen
+        sizes.append(len(chosen))
+    return batch.select(torch.tensor(mine)), sizes
+
+
+def split_rows(batch: RLBatch, sizes: Sequence[int]) -> List[RLBatch]:
+    """Consecutive mini-batches of the given row counts."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(batch.select(slice(start, start + size)))
+        start += size
+    return out
