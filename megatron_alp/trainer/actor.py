@@ -29,7 +29,7 @@ from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_
 from ..model.alp import alp_forward, token_codes
 from ..model.specs import have_transformer_engine
 from ..ops.logprob import vocab_parallel_logprobs
-from .packing import PackedMicroBatch, make_packs, packed_seq_params, packs_needed
+from .packing import PackedMicroBatch, make_packs, packed_seq_params, packs_needed, sample_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,11 @@ class Actor:
                                      "train/nonfinite_grad": 0.0 if math.isfinite(float(grad_norm)) else 1.0}
         for i, lr in enumerate(self.optimizer.lrs()):
             metrics[f"train/lr_group{i}"] = lr
+        # Share of this rank's forward positions that are padding (each sample counted up to its
+        # last loss token, as packing lays it out): what packing saves.
+        positions = sum(mb.tokens.numel() for mb in micro)
+        metrics["perf/padding_frac"] = 1.0 - sum(sample_lengths(batch)) / max(positions, 1)
+        metrics["perf/micro_batches"] = float(len(micro))
         if self.is_last_stage and stash:
             metrics.update(self._metrics(stash, loss_sum))
         return metrics

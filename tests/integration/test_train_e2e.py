@@ -86,12 +86,25 @@ def test_mis_dp2(assets, tmp_path):
     assert scal["mismatch/k3"][0] > 0
 
 
-def test_resume_reproduces_uninterrupted_run(assets, tmp_path):
-    full = _train(assets, str(tmp_path / "a"), "run", 1, "parallel.tp=1", steps=4)
-    part = _train(assets, str(tmp_path / "b"), "run", 1, "parallel.tp=1", steps=2)
+@pytest.mark.parametrize("packing", [
+    pytest.param(False, id="padded"),
+    pytest.param(True, id="packed", marks=pytest.mark.slow),
+])
+def test_resume_reproduces_uninterrupted_run(assets, tmp_path, packing):
+    opts = ["parallel.tp=1"] + (["run.max_tokens_per_micro_batch=48"] if packing else [])
+    full = _train(assets, str(tmp_path / "a"), "run", 1, *opts, steps=4)
+    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=2)
     # Same command with more steps: resumes from <run>/checkpoints/latest (step 2, bus version 2).
-    part = _train(assets, str(tmp_path / "b"), "run", 1, "parallel.tp=1", steps=4)
+    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=4)
     _assert_same_scalars(full, part, resumed_at=2)
+
+
+def test_packed_alp_dp2(assets, tmp_path):
+    """Packing with DP=2 (rows balanced by tokens) and ALP on, through the whole loop."""
+    run = _train(assets, str(tmp_path), "packed_dp2", 2, "parallel.tp=1", "run.max_tokens_per_micro_batch=48",
+                 steps=2)
+    scal, hists = _common_checks(run, 2)
+    assert "alp/sigma_hist" in hists and all(0 < r <= 1 for r in scal["rollout/reward_mean"])
 
 
 def _timing(key: str) -> bool:
