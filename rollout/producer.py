@@ -95,11 +95,13 @@ class GroupProducer:
         self._tasks: Dict[int, List[asyncio.Task]] = {}
         self._gate: Optional[asyncio.Event] = None
         self._runner = None
+        self._run_task: Optional[asyncio.Task] = None
         self._closed = False
 
     # -- on the rollout loop ---------------------------------------------------------------------
     async def _run(self) -> None:
         self._gate = asyncio.Event()
+        self._run_task = asyncio.current_task()
         while not self._closed:
             if self.next_target - self.k > self.version:
                 self._gate.clear()
@@ -139,6 +141,12 @@ class GroupProducer:
 
     async def _take(self, step: int) -> List[Group]:
         while self.next_target <= step:  # not drawn yet: let the runner catch up
+            if self._run_task is not None and self._run_task.done():
+                self._run_task.result()  # the runner failed: surface its error
+                raise RuntimeError("the rollout producer stopped")
+            if self.next_target - self.k > self.version:
+                raise RuntimeError(f"step {step} asked before the trainer reached version {step - self.k} "
+                                   f"(set_version)")
             await asyncio.sleep(0.001)
         groups = list(await asyncio.gather(*self._tasks.pop(step)))
         self._states.pop(step, None)
