@@ -179,6 +179,7 @@ class Fleet:
                     out = await self._router.generate(input_ids, params, rid=rid, return_logprob=return_logprob)
                 else:
                     eng = self._pick(avoid)
+                    issued_at = self.committed_version  # a commit may land while it runs (async rollout)
                     eng.outstanding += 1
                     try:
                         out = await eng.client.generate(input_ids, params, rid=rid, return_logprob=return_logprob)
@@ -196,8 +197,9 @@ class Fleet:
                         eng.outstanding -= 1
                     eng.served += 1
                     eng.consecutive_failures = 0
-                    if self.committed_version is not None and out.weight_version is not None and \
-                            out.weight_version != self.committed_version and eng.alive:
+                    if self.committed_version is not None and issued_at is not None and \
+                            out.weight_version is not None and \
+                            out.weight_version not in (self.committed_version, issued_at) and eng.alive:
                         # Someone changed this engine's weights behind the fleet: never mix versions.
                         self.drop(eng.client.url, f"answered with weight_version {out.weight_version}, the "
                                                   f"fleet runs {self.committed_version}", keep_paused=False)

@@ -1,6 +1,7 @@
 """Fleet logic against fake engine clients: balancing, failover, exhaustion, pause/update/continue."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -190,3 +191,36 @@ def test_server_errors_fail_over_but_request_errors_propagate():
     outs, live = run(main())
     assert all(o.engine == "http://b" for o in outs)
     assert live == ["http://b"]  # `a` answers /health but failed 3 requests in a row: dropped
+
+
+class LateAnswerEngine(FakeEngine):
+    """Answers with the version it held when the request started (a response produced before an
+    update but delivered after it, as asynchronous rollout can see)."""
+
+    async def generate(self, input_ids, params, *, rid=None, return_logprob=True):
+        version = self.version
+        out = await super().generate(input_ids, params, rid=rid, return_logprob=return_logprob)
+        return dataclasses.replace(out, weight_version=version)
+
+
+def test_a_response_from_the_version_it_was_issued_at_is_kept_across_an_update():
+    eng = LateAnswerEngine("http://late", delay=0.2)
+
+    async def main():
+        fleet = Fleet([eng])
+        await fleet.update_weights_from_disk("/v1", "1")
+        pending = asyncio.ensure_future(fleet.generate([1], {}))
+        await asyncio.sleep(0.05)
+        await fleet.update_weights_from_disk("/v2", "2", pause_mode="in_place")  # lands mid-request
+        out = await pending
+        return fleet, out
+
+    fleet, out = run(main())
+    assert out.weight_version == "1" and fleet.live_urls == ["http://late"]
+    eng.version = "7"  # changed behind the fleet's back: still dropped
+
+    async def rogue():
+        return await asyncio.gather(fleet.generate([1], {}), return_exceptions=True)
+
+    run(rogue())
+    assert fleet.live_urls == []
