@@ -27,8 +27,11 @@ CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 KEYS = ("perf/rollout_s", "perf/train_s", "perf/step_seconds")
 
 
+EXTRA: list = []  # --set overrides, for every run
+
+
 def _overrides(assets, out, name, steps):
-    return [f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}", f"rollout.data.path={assets['data']}",
+    return [*EXTRA, f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}", f"rollout.data.path={assets['data']}",
             f"run.output_root={out}", f"run.name={name}", f"bus.dir={os.path.join(out, name, 'bus')}",
             f"run.steps={steps}", "parallel.tp=1"]
 
@@ -77,9 +80,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--staleness", default="0,1,2")
     p.add_argument("--out", default=None, help="write a markdown summary here")
+    p.add_argument("--set", action="append", default=[], help="config override for every run, e.g. "
+                   "rollout.max_new_tokens=24 (a longer rollout, closer to the train time)")
     args = p.parse_args(argv)
     from megatron_alp.demo.assets import prepare_tiny_assets
 
+    EXTRA[:] = args.set
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         print("bench.step_async: skipped (needs 2 cores to pin the engine and the trainer apart)")
@@ -90,7 +96,7 @@ def main(argv=None):
     results = {k: _run(assets, work, f"k{k}", args.steps, k, cores[:2]) for k in ks}
     base = results[ks[0]]
     lines = [f"trainer pinned to core {cores[0]}, engine to core {cores[1]}; {args.steps} steps (first excluded); "
-             f"medians; load average {os.getloadavg()[0]:.1f} at the end", "",
+             f"medians; overrides {args.set or 'none'}; load average {os.getloadavg()[0]:.1f} at the end", "",
              "| max_staleness | rollout wait s | train s | step s | samples/s | vs k=0 | mean staleness |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for k, r in results.items():
