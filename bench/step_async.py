@@ -82,6 +82,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write a markdown summary here")
     p.add_argument("--set", action="append", default=[], help="config override for every run, e.g. "
                    "rollout.max_new_tokens=24 (a longer rollout, closer to the train time)")
+    p.add_argument("--assets", default=None, help="reuse prepared tiny assets (hf_warm/, mcore/ converted at TP=1, "
+                   "copy_train.jsonl) instead of preparing them")
     args = p.parse_args(argv)
     from megatron_alp.demo.assets import prepare_tiny_assets
 
@@ -91,7 +93,11 @@ def main(argv=None):
         print("bench.step_async: skipped (needs 2 cores to pin the engine and the trainer apart)")
         return
     work = tempfile.mkdtemp(prefix="bench-step-async-")
-    assets = prepare_tiny_assets(os.path.join(work, "assets"), tp=1)
+    if args.assets:
+        assets = {"hf": os.path.join(args.assets, "hf_warm"), "mcore": os.path.join(args.assets, "mcore"),
+                  "data": os.path.join(args.assets, "copy_train.jsonl")}
+    else:
+        assets = prepare_tiny_assets(os.path.join(work, "assets"), tp=1)
     ks = [int(k) for k in args.staleness.split(",")]
     results = {k: _run(assets, work, f"k{k}", args.steps, k, cores[:2]) for k in ks}
     base = results[ks[0]]
