@@ -101,7 +101,8 @@ def run(args) -> int:
 
     from rollout.aio import run_sync
     from rollout.engines.start import make_fleet, start_engines
-    from rollout.eval.runner import evaluate, markdown_table, write_report
+    from rollout.eval.benchmarks import load_benchmark
+    from rollout.eval.runner import eval_rollout_config, evaluate, markdown_table, write_report
 
     job = load_job(args)
     out = os.path.abspath(args.out)
@@ -112,6 +113,9 @@ def run(args) -> int:
         if not os.path.isfile(path):
             raise EvalError(f"--data {spec}: no such file")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
+    cfg = eval_rollout_config(job.rollout, job.eval)
+    for spec in job.eval.datasets:  # and on a file without its benchmark's fields
+        load_benchmark(spec, tokenizer, cfg.data, prompt_key=job.eval.prompt_key, label_key=job.eval.label_key)
     engines = start_engines(job.rollout, model_path=model, log_dir=os.path.join(out, "engines"))
     try:
         fleet = make_fleet(job.rollout, engines)

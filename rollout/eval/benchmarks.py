@@ -104,7 +104,7 @@ def _pick(records: Sequence[Dict[str, Any]], keys: Sequence[str], what: str, nam
             if missing:
                 raise ValueError(f"{path}: record {missing[0]} has no '{key}' field ({what} of benchmark {name})")
             return key
-    raise ValueError(f"{path}: benchmark '{name}' needs a {what} field, one of {list(keys)}; "
+    raise ValueError(f"{path}: benchmark '{name}' needs a field for its {what}, one of {list(keys)}; "
                      f"the records have {sorted(records[0])}")
 
 

@@ -7,7 +7,6 @@ import csv
 import itertools
 import json
 import math
-import os
 
 import pytest
 
@@ -97,7 +96,7 @@ def test_registry_fields_and_errors(tmp_path, tokenizer):
     assert name == "math500" and prompts[0].label == "4"
     # a file without the fields its entry names: one line naming the fields it has
     bad = write_jsonl(tmp_path / "aime24.jsonl", [{"q": "x", "a": "1"}])
-    with pytest.raises(ValueError, match=r"benchmark 'aime2024' needs a prompt field.*\['a', 'q'\]"):
+    with pytest.raises(ValueError, match=r"benchmark 'aime2024' needs a field for its prompt.*\['a', 'q'\]"):
         load_benchmark(bad, tokenizer, data)
     with pytest.raises(FileNotFoundError, match="no file"):
         load_benchmark(str(tmp_path / "missing.jsonl"), tokenizer, data)
