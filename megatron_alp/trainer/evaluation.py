@@ -25,6 +25,8 @@ class Evaluator:
     def __init__(self, ev: EvalConfig, rollout, driver, monitor, run_dir: str):
         self.ev, self.rollout, self.driver, self.monitor = ev, rollout, driver, monitor
         self.out_dir = os.path.join(run_dir, "eval")
+        if (ev.interval or ev.at_start) and not ev.datasets:
+            logger.warning("eval.interval / eval.at_start are set but eval.datasets is empty: no evaluation")
 
     def due(self, done_steps: int, total_steps: int) -> bool:
         """Evaluate after ``done_steps`` completed steps? (0 = before training.)"""

@@ -62,8 +62,6 @@ class EvalConfig:
         bad = [k for k in self.pass_k if not 1 <= k <= self.n]
         if bad:
             raise ValueError(f"eval.pass_k = {bad}: pass@k needs 1 <= k <= eval.n = {self.n} samples per problem")
-        if (self.interval or self.at_start) and not self.datasets:
-            raise ValueError("eval.interval / eval.at_start need eval.datasets")
 
 
 @dataclass
