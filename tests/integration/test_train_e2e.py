@@ -125,7 +125,7 @@ def test_packed_alp_dp2(assets, tmp_path):
 
 def _timing(key: str) -> bool:
     """Wall-clock measurements: the only scalars a resumed run may not reproduce."""
-    return key.startswith("perf/") or key.endswith("_s") or key.endswith("_per_s")
+    return key.startswith("perf/") or key.endswith(("_s", "_per_s", "GBps"))
 
 
 def _assert_same_scalars(full, part, resumed_at: int):
