@@ -3,7 +3,7 @@
 Data layout (``RLBatch``): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
 ``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
 Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
-sequence parallelism is on): Megatron's pipeline schedule sends fixed-shape activations between
+sequence parallelism is on, and of 16 more under FP8; ``batching.seq_pad_multiple``): Megatron's pipeline schedule sends fixed-shape activations between
 stages, and padding keeps the TP/SP/PP paths identical. Padding is masked out of every loss and
 metric.
 
