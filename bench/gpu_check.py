@@ -76,7 +76,7 @@ STEPS = [
                             "--tp", "1", "--reps", "3", "--methods", "megatron,megatron+H,ours,ours+H",
                             "--out", "{out}/logprob-gpu.md"),
          "log-prob + entropy vs Megatron CE + softmax-saving entropy, 152k vocab, 16k tokens, bf16"),
-    Step("rl", 120, _py("-m", "bench.gpu_rl", "--out", "{out}/gpu_rl.json"),
+    Step("rl", 150, _py("-m", "bench.gpu_rl", "--out", "{out}/gpu_rl.json"),
          "a tiny RL run end to end: bf16 training on the GPU, local engine, disk bus"),
     Step("bus", 60, _py("-m", "bench.gpu_bus", "--out", "{out}/gpu_bus.json"),
          "bus publication of ~1.5B parameters vs plain safetensors save"),
