@@ -5,6 +5,7 @@ an optimizer saved before its first step resumes exactly, and a checkpoint witho
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_alp.runtime.spawn import run_world
@@ -54,8 +55,19 @@ def _device_and_nan(rank, world_size):
             "dirty": dirty, "ok": ok, "norm": norm, "untouched": untouched}
 
 
-def test_batch_on_model_device_and_nan_gradient_skipped():
-    r = run_world(_device_and_nan, 1, timeout=240)[0]
+def _all(rank, world_size, path):
+    return _device_and_nan(rank, world_size), _resume_before_first_step(rank, world_size), \
+        _extra_state_load(rank, world_size, path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One spawned world for the three scenarios (each spawn costs ~15 s of imports)."""
+    return run_world(_all, 1, args=(str(tmp_path_factory.mktemp("ckpt") / "c"),), timeout=400)[0]
+
+
+def test_batch_on_model_device_and_nan_gradient_skipped(world):
+    r = world[0]
     assert r["seen"] and all(d == r["weights"] for d in r["seen"])
     assert r["m0"]["train/skipped_step"] == 0.0
     assert r["clean"] is False and r["dirty"] is True
@@ -84,8 +96,8 @@ def _resume_before_first_step(rank, world_size):
     return empty, same, m1["train/loss"], m2["train/loss"]
 
 
-def test_optimizer_saved_before_first_step_resumes_exactly():
-    empty, same, l1, l2 = run_world(_resume_before_first_step, 1, timeout=240)[0]
+def test_optimizer_saved_before_first_step_resumes_exactly(world):
+    empty, same, l1, l2 = world[1]
     assert empty and all(empty)
     assert same and l1 == l2  # same process, same thread count: bitwise
 
@@ -127,7 +139,7 @@ def _extra_state_load(rank, world_size, path):
     return equal, refused
 
 
-def test_checkpoint_without_extra_state_loads_into_a_model_that_wants_it(tmp_path):
-    equal, refused = run_world(_extra_state_load, 1, args=(str(tmp_path / "ckpt"),), timeout=240)[0]
+def test_checkpoint_without_extra_state_loads_into_a_model_that_wants_it(world):
+    equal, refused = world[2]
     assert equal, "weights must load although the model asks for _extra_state the checkpoint lacks"
     assert refused, "a genuinely missing tensor must still fail"
