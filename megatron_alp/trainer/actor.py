@@ -3,7 +3,7 @@
 Data layout (``RLBatch``): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
 ``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
 Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
-sequence parallelism is on): Megatron's pipeline schedule sends fixed-shape activations between
+sequence parallelism is on, and of 16 more under FP8; ``batching.seq_pad_multiple``): Megatron's pipeline schedule sends fixed-shape activations between
 stages, and padding keeps the TP/SP/PP paths identical. Padding is masked out of every loss and
 metric.
 
@@ -29,6 +29,7 @@ from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_
 from ..model.alp import alp_forward, token_codes
 from ..model.specs import have_transformer_engine
 from ..ops.logprob import vocab_parallel_logprobs
+from ..runtime.device import any_rank, collective_tensor, to_device
 from .packing import PackedMicroBatch, make_packs, packed_seq_params, packs_needed, sample_lengths
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,13 @@ class Actor:
         budget (``run.max_tokens_per_micro_batch``; trainer/packing.py), as many on every DP rank."""
         budget = self.cfg.run.max_tokens_per_micro_batch
         if budget > 0:
-            count = torch.tensor([packs_needed(batch, budget)])
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
-            tp = self.ps.get_tensor_model_parallel_world_size()
-            return make_packs(batch, budget, int(count), pad_multiple=tp if self.cfg.parallel.sequence_parallel else 1)
+            dp = self.ps.get_data_parallel_group()
+            count = collective_tensor([packs_needed(batch, budget)], dtype=torch.int64, group=dp)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp)
+            from .batching import seq_pad_multiple  # batching imports this module
+
+            return make_packs(batch, budget, int(count), pad_multiple=seq_pad_multiple(self.cfg.parallel,
+                                                                                     self.cfg.precision))
         mbs = self.cfg.run.micro_batch_size
         return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
 
@@ -112,7 +116,8 @@ class Actor:
             i, mb = next(data_iterator)
             tokens = mb.tokens
             kwargs = {}
-            if isinstance(mb, PackedMicroBatch):
+            if isinstance(mb, PackedMicroBatch):  # packs are laid out on the CPU
+                tokens = tokens.to(mb.rows.tokens.device)
                 pos = mb.positions.to(tokens.device)
                 if self._thd:
                     kwargs["packed_seq_params"] = packed_seq_params(mb, tokens.device)
@@ -138,6 +143,7 @@ class Actor:
     @torch.no_grad()
     def compute_logprobs(self, batch: RLBatch) -> Optional[torch.Tensor]:
         """Unperturbed log-probs [N, L] of ``batch`` (on the last pipeline stage; None elsewhere)."""
+        batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         for c in self.chunks:
             c.eval()
         out: List[torch.Tensor] = []
@@ -154,7 +160,7 @@ class Actor:
         if not self.is_last_stage:
             return None
         if micro and isinstance(micro[0], PackedMicroBatch):  # back to the batch's row order
-            full = torch.zeros(batch.tokens.shape, dtype=out[0].dtype)
+            full = torch.zeros(batch.tokens.shape, dtype=out[0].dtype, device=out[0].device)
             for mb, lp in zip(micro, out):
                 if not mb.dummy:
                     full[mb.index, :lp.shape[1]] = lp
@@ -174,6 +180,7 @@ class Actor:
         """One optimizer step on this rank's share of a mini-batch; returns reduced metrics
         (complete on the last pipeline stage; empty dict elsewhere)."""
         algo = self.algo
+        batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         micro = self._micro_batches(batch)
         normalizer = self._global_normalizer(batch)
         scale = len(micro) * self.ps.get_data_parallel_world_size()
@@ -207,17 +214,17 @@ class Actor:
         # the schedule: DP reduction, SP/QK-norm TP reduction, tied-embedding reduction across PP.
         self._run_schedule(micro, forward_only=False, loss_fn=loss_fn, perturb_step=perturb)
         loss_sum = torch.stack([s["loss"] for s in stash]).sum() if stash else torch.zeros(())
-        local_finite = torch.tensor([1.0 if bool(torch.isfinite(loss_sum)) else 0.0])
-        dist.all_reduce(local_finite, op=dist.ReduceOp.MIN)  # every rank skips together
-        if local_finite.item() < 1:
+        if any_rank(not bool(torch.isfinite(loss_sum))):  # every rank skips together
             self.optimizer.zero_grad()
             return {"train/nonfinite_loss": 1.0, "train/skipped_step": 1.0}
-        # A non-finite gradient norm (NaN logits whose tokens the objective dropped, an overflow)
-        # skips the step inside Optimizer.step.
+        # A non-finite gradient (NaN logits whose tokens the objective dropped, an fp16 overflow)
+        # skips the step inside Optimizer.step; an fp16 overflow step reports no norm (None).
         ok, grad_norm = self.optimizer.step()
-        metrics: Dict[str, float] = {"train/grad_norm": float(grad_norm), "train/skipped_step": 0.0 if ok else 1.0,
+        norm = math.nan if grad_norm is None else float(grad_norm)
+        metrics: Dict[str, float] = {"train/grad_norm": norm, "train/skipped_step": 0.0 if ok else 1.0,
                                      "train/nonfinite_loss": 0.0,
-                                     "train/nonfinite_grad": 0.0 if math.isfinite(float(grad_norm)) else 1.0}
+                                     "train/nonfinite_grad": 0.0 if math.isfinite(norm) else 1.0}
+        metrics.update(self.optimizer.scale_metrics())
         for i, lr in enumerate(self.optimizer.lrs()):
             metrics[f"train/lr_group{i}"] = lr
         # Share of this rank's forward positions that are padding (each sample counted up to its

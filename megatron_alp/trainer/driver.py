@@ -17,7 +17,7 @@ import torch
 
 from ..algo.advantages import compute_advantages
 from .actor import RLBatch
-from .batching import collate
+from .batching import collate, seq_pad_multiple
 from .group_log import GroupLog
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class RolloutDriver:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         adv = compute_advantages(rewards, cfg.algorithm.advantage, group_size=cfg.rollout.n_samples,
                                  eps=cfg.algorithm.advantage_eps)
-        pad_multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-        return collate(samples, adv, pad_id=self.pad_id, pad_multiple=pad_multiple)
+        return collate(samples, adv, pad_id=self.pad_id, pad_multiple=seq_pad_multiple(cfg.parallel, cfg.precision))
 
     def _rollout_async(self, step: int, version: int) -> Tuple[RLBatch, Dict[str, float]]:
         """Step ``step``'s groups from the producer (generated while earlier steps trained)."""
