@@ -198,13 +198,15 @@ class WeightSync:
         return web.json_response({"success": True, "message": "Success"})
 
     async def get_weights_by_name(self, body: Dict[str, Any]) -> web.Response:
+        """SGLang (models/llama.py get_weights_by_name): the fp32 values as nested lists, truncated to
+        the first ``truncate_size`` entries of the first dimension; an unknown name is a 400."""
         try:
             t = self.engine.model.get_weight(str(body["name"]))
-        except KeyError as e:
-            return _fail(str(e))
-        size = int(body.get("truncate_size", 100))
-        t = t.float()
-        values = (t[..., :size] if t.dim() else t).tolist()
+        except KeyError:
+            return web.json_response({"error": {"message": "Get parameter by name failed"}}, status=400)
+        values = t.float().tolist()
+        if isinstance(values, list):
+            values = values[: int(body.get("truncate_size", 100))]
         return web.json_response(values)
 
 
