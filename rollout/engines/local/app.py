@@ -37,8 +37,8 @@ async def _guard(request: web.Request, handler):
 
 async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    body = await _json(request)
-    if body.get("stream") is True:
+    body = await _json(request, any_value=True)
+    if isinstance(body, dict) and body.get("stream") is True:
         return await _stream(request, engine, body)
     return web.json_response(await engine.generate(body))
 
@@ -59,11 +59,12 @@ async def _stream(request: web.Request, engine: LocalEngine, body: Dict[str, Any
             done = task.done()
             for i, r in enumerate(reqs):
                 n = len(r.output_ids)
-                if n > sent[i] or (done and r.finish is not None and sent[i] >= 0):
+                # progress chunks while running; the final one (with its finish_reason) once, at the end
+                if sent[i] >= 0 and (done or (n > sent[i] and r.finish is None)):
                     out = engine._result(r, t0, text_lp)
                     if not single:
                         out["index"] = i
-                    if r.finish is None:
+                    if not done:
                         out["meta_info"]["finish_reason"] = None
                     await resp.write(b"data: " + json.dumps(out).encode() + b"\n\n")
                     sent[i] = -1 if done else n

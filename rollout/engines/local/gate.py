@@ -151,6 +151,8 @@ def normalize_sampling(sp: Dict[str, Any], vocab_size: int) -> Dict[str, Any]:
     for k, default in d.items():
         if out.get(k) is None and not (k == "max_new_tokens" and k in out):
             out[k] = default
+    for k in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+        out[k] = float(out[k])  # msgspec decodes a JSON integer into these float fields
     out["stop_token_ids"] = sorted({int(t) for t in (out.get("stop_token_ids") or []) if t is not None}) or None
     if 0 <= out["temperature"] < SAMPLING_EPS:  # greedy
         out["temperature"], out["top_k"] = 1.0, 1

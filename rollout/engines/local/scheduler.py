@@ -80,15 +80,13 @@ class Scheduler:
         """SGLang's ``is_fully_idle(ignore_waiting=paused)``: no running batch, and no queued request
         unless paused. A weight update passes ``ignore_waiting``: in SGLang the requests it makes
         wait are held before the scheduler (the tokenizer manager's model-update lock)."""
-        with self._cv:
-            self._cv.wait_for(lambda: not self._busy)
-            return self._batch is None and not (self._queue and not (self._paused or ignore_waiting))
+        with self._cv:  # a step in progress means requests run (SGLang checks between two steps)
+            return not self._busy and self._batch is None and not (self._queue and not (self._paused or ignore_waiting))
 
     def flush_cache(self, ignore_waiting: bool = False) -> bool:
         """SGLang's Scheduler.flush_cache: empty the prefix cache only when :meth:`can_flush`."""
         with self._cv:
-            self._cv.wait_for(lambda: not self._busy)
-            if self._batch is not None or (self._queue and not (self._paused or ignore_waiting)):
+            if self._busy or self._batch is not None or (self._queue and not (self._paused or ignore_waiting)):
                 logger.warning("Cache not flushed because there are pending requests. #queue-req: %d, "
                                "#running-req: %d", len(self._queue), len(self._batch) if self._batch else 0)
                 return False

@@ -245,13 +245,14 @@ def _authorized(engine: LocalEngine, request: web.Request) -> bool:
     return hmac.compare_digest(parts[1].encode(), engine.api_key.encode())
 
 
-async def _json(request: web.Request) -> Dict[str, Any]:
+async def _json(request: web.Request, any_value: bool = False) -> Any:
+    """The JSON body (a dict unless ``any_value``: /generate leaves the judgment to the schema gate)."""
     if not request.can_read_body:
         return {}
     try:
         body = await request.json()
     except ValueError:
         raise BadRequest("the body is not valid JSON") from None
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) and not any_value:
         raise BadRequest("the body must be a JSON object")
     return body
