@@ -25,7 +25,7 @@ import sys
 import zipfile
 from typing import Any, Dict, List, Optional
 
-IO_STRUCTS = ("GenerateReqInput", "UpdateWeightFromDiskReqInput", "UpdateWeightsFromDistributedReqInput",
+IO_STRUCTS = ("BaseReq", "GenerateReqInput", "UpdateWeightFromDiskReqInput", "UpdateWeightsFromDistributedReqInput",
               "UpdateWeightsFromTensorReqInput", "InitWeightsUpdateGroupReqInput",
               "DestroyWeightsUpdateGroupReqInput", "UpdateWeightVersionReqInput", "GetWeightsByNameReqInput",
               "PauseGenerationReqInput", "ContinueGenerationReqInput", "AbortReq", "FlushCacheReqInput")
@@ -86,6 +86,7 @@ def _struct(fn: ast.FunctionDef) -> Optional[Dict[str, Any]]:
             reject = bool(node.orelse) and isinstance(node.orelse[0], ast.Raise)
             break
     return {"kind": "struct", "expected": _kw(head.value, "expected"), "fields": fields,
+            "field_order": list(fields),  # serde lists the expected fields in this order
             "unknown_keys": "reject" if reject else "ignore"}
 
 

@@ -106,7 +106,7 @@ def check_named(v: Any, name: str) -> None:
             f = d["fields"].get(key)
             if f is None:
                 if d["unknown_keys"] == "reject":
-                    raise _unknown(key, d["fields"])
+                    raise _unknown(key, d["field_order"])
                 continue
             if x is None and f["null"] != "error":
                 continue
