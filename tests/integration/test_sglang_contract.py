@@ -233,3 +233,71 @@ def test_model_info_and_update_weight_version_replies(eng):
                          "load_format", "preferred_sampling_params"}
     assert set(info) <= set(CONTRACT["responses"]["model_info"])
     assert sorted(reply) in CONTRACT["responses"]["update_weight_version"] and reply["new_version"] == "7"
+
+
+def test_weight_update_refusals_and_the_not_flushed_400(eng, tmp_path):
+    """A directory missing tensors and an unpublished bus-named directory are refused (old weights
+    kept); a flush_cache update while an in_place-paused request runs loads the weights but answers
+    SGLang's 400 'not flushed' and leaves the version unstamped."""
+    from safetensors.torch import save_file
+
+    state = {n: t.clone() for n, t in eng.model.model.state_dict().items()}
+    new = {n: t + 0.01 for n, t in state.items()}
+    missing = dict(new)
+    missing.pop(sorted(missing)[0])
+    (tmp_path / "partial").mkdir()
+    save_file(missing, str(tmp_path / "partial" / "model.safetensors"))
+    (tmp_path / "v00000009").mkdir()
+    save_file(new, str(tmp_path / "v00000009" / "model.safetensors"))
+    (tmp_path / "full").mkdir()
+    save_file(new, str(tmp_path / "full" / "model.safetensors"))
+    (tmp_path / "orig").mkdir()
+    save_file(state, str(tmp_path / "orig" / "model.safetensors"))
+    name = sorted(state)[0]
+
+    async def main():
+        async with ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+            async def update(path, **kw):
+                async with s.post(eng.url + "/update_weights_from_disk", json={"model_path": str(path), **kw}) as r:
+                    return r.status, await r.json()
+
+            res = [await update(tmp_path / "partial", weight_version="5"), await update(tmp_path / "v00000009")]
+            unchanged = torch_equal(eng.model.get_weight(name), state[name])
+            long = {"input_ids": [5, 9], "sampling_params": {"max_new_tokens": 150, "ignore_eos": True}}
+            task = asyncio.ensure_future(post(eng.url, long))
+            while not eng.scheduler.load()["running"]:
+                await asyncio.sleep(0.01)
+            async with s.post(eng.url + "/pause_generation", json={"mode": "in_place"}) as r:
+                assert r.status == 200
+            res.append(await update(tmp_path / "full", weight_version="5"))
+            loaded = torch_equal(eng.model.get_weight(name), new[name])
+            version = eng.engine.weight_version
+            async with s.post(eng.url + "/continue_generation", json={}) as r:
+                assert r.status == 200
+            await task
+            res.append(await update(tmp_path / "orig", weight_version="0"))
+            return res, unchanged, loaded, version
+
+    (partial, unpublished, not_flushed, restored), unchanged, loaded, version = asyncio.run(main())
+    assert partial[0] == 400 and "lacks 1 of the model's" in partial[1]["message"]
+    assert unpublished[0] == 400 and "bus-manifest.json" in unpublished[1]["message"]
+    assert unchanged
+    assert not_flushed[0] == 400 and not_flushed[1]["message"].startswith(
+        "Weights were updated, but the cache was not flushed")
+    assert loaded and version == "0"  # loaded, not stamped (SGLang: success=False)
+    assert restored[0] == 200 and eng.engine.weight_version == "0"
+
+
+def torch_equal(a, b):
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_missing_model_directory_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "rollout.engines.local", "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "is not a directory" in r.stderr
