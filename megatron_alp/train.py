@@ -97,7 +97,7 @@ def train(cfg) -> Dict[str, float]:
                     step + 1 == cfg.run.steps or stopping or give_up:
                 meta = {"bus_version": version, "data": driver.stream.state_dict() if rank == 0 else None}
                 meta = _from_rank0(meta)
-                save_checkpoint(ckpt_root, step + 1, [t.ddp], t.optimizer, meta, t.layout)
+                save_checkpoint(ckpt_root, step + 1, [t.ddp], t.optimizer, meta, t.layout, cfg.checkpoint.keep)
             if give_up:
                 raise RuntimeError(f"{nonfinite} consecutive non-finite losses (run.max_nonfinite_steps = "
                                    f"{cfg.run.max_nonfinite_steps}); checkpoint saved in {ckpt_root}")

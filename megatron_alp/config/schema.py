@@ -216,6 +216,14 @@ class CheckpointConfig:
     """Save every N steps (0 = only at the end and on SIGTERM)."""
     load: Optional[str] = None
     """Resume from this checkpoint directory, or the Megatron checkpoint of a converted HF model."""
+    keep: int = 0
+    """Keep the newest N complete checkpoints, deleting older ones after each save (0 = keep all).
+    The one being written and the last complete one are never deleted."""
+
+    def validate(self) -> None:
+        for name in ("save_interval", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
