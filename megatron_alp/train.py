@@ -21,6 +21,7 @@ from .sync.weight_sync import WeightSync
 from .trainer.batching import dp_shard, mini_batches
 from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .trainer.monitor import make_monitor, tensorboard_hint
+from .trainer.preempt import Abort, RolloutFailure, TrainingStopped, rollout_or_abort
 from .trainer.setup import StopFlag, load_and_check, setup
 from .trainer.step_metrics import merge_step_metrics, sigma_metrics
 
@@ -55,9 +56,12 @@ def train(cfg) -> Dict[str, float]:
         sync.attach(driver)
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
-            # 1. rollout on the driver, the batch to every rank.
-            payload = [driver.rollout(step, version) if rank == 0 else None]
+            # 1. rollout on the driver, the batch to every rank (or why not: checkpoint, then stop).
+            stopping = stop.any_rank()
+            payload = [rollout_or_abort(driver, stop, stopping, step, version) if rank == 0 else None]
             dist.broadcast_object_list(payload, src=0)
+            if isinstance(payload[0], Abort):
+                raise payload[0].error(step, _save(cfg, t, ckpt_root, step, version, driver, rank))
             batch, rollout_metrics = payload[0]
             local = dp_shard(batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
             t_train = time.perf_counter()
@@ -95,15 +99,13 @@ def train(cfg) -> Dict[str, float]:
             stopping = stop.any_rank()
             if (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0) or \
                     step + 1 == cfg.run.steps or stopping or give_up:
-                meta = {"bus_version": version, "data": driver.stream.state_dict() if rank == 0 else None}
-                meta = _from_rank0(meta)
-                save_checkpoint(ckpt_root, step + 1, [t.ddp], t.optimizer, meta, t.layout, cfg.checkpoint.keep)
+                _save(cfg, t, ckpt_root, step + 1, version, driver, rank)
             if give_up:
                 raise RuntimeError(f"{nonfinite} consecutive non-finite losses (run.max_nonfinite_steps = "
                                    f"{cfg.run.max_nonfinite_steps}); checkpoint saved in {ckpt_root}")
             if stopping:
-                logger.warning("stopped by signal after step %d; resume with the same command", step + 1)
-                break
+                raise TrainingStopped(stop.signum or 15, f"stopped by signal {stop.signum} after step {step + 1}; "
+                                      f"checkpoint in {ckpt_root}; resume with the same command")
     finally:
         sync.close()
         if driver is not None:
@@ -112,6 +114,12 @@ def train(cfg) -> Dict[str, float]:
     if rank == 0 and cfg.logging.tensorboard:
         logger.info("TensorBoard logs: %s  (open with: %s)", f"{t.run_dir}/tensorboard", tensorboard_hint(t.run_dir))
     return last
+
+
+def _save(cfg, t, ckpt_root: str, steps_done: int, version: int, driver, rank: int) -> str:
+    """Collective checkpoint of ``steps_done`` completed steps (the data position from rank 0)."""
+    meta = _from_rank0({"bus_version": version, "data": driver.stream.state_dict() if rank == 0 else None})
+    return save_checkpoint(ckpt_root, steps_done, [t.ddp], t.optimizer, meta, t.layout, cfg.checkpoint.keep)
 
 
 def _metrics_rank(ps) -> int:
@@ -147,11 +155,31 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_third_party()
+    _die_with_torchrun()
     cfg = load_and_check(args.config, args.overrides)
-    train(cfg)
+    code = 0
+    try:
+        train(cfg)
+    except TrainingStopped as e:  # checkpointed, engines stopped
+        logger.warning("%s", e)
+        code = 128 + e.signum
+    except RolloutFailure as e:
+        logger.error("%s", e)
+        code = 1
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return code
+
+
+def _die_with_torchrun() -> None:
+    """Under torchrun, a SIGKILLed agent must not leave this worker (and, through the engines' own
+    PR_SET_PDEATHSIG, its engines) running: the kernel kills us when our parent dies."""
+    import os
+
+    from rollout.engines.processes import set_parent_death_signal
+
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != 1:
+        set_parent_death_signal(expected_parent=os.getppid())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ rollout package never imports the trainer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -225,6 +226,12 @@ class RolloutConfig:
     reward: str = "math"
     """Reward function: `math` (math-verify on the boxed answer), `synthetic`, or a dotted path
     `package.module:function` (signature in docs/rollout.md)."""
+    reward_on_error: Literal["fail_sample", "stop"] = "fail_sample"
+    """A reward function that raises or returns NaN/inf: `fail_sample` scores that sample
+    `reward_failed_value` (counted in `rollout/reward_failures`); `stop` ends the run with a
+    checkpoint and a one-line error."""
+    reward_failed_value: float = 0.0
+    """The reward of a sample whose reward function failed (`reward_on_error: fail_sample`)."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """SGLang launch options."""
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -251,6 +258,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not math.isfinite(self.reward_failed_value):
+            raise ValueError(f"rollout.reward_failed_value must be finite, got {self.reward_failed_value}")
         if self.host not in LOCAL_HOSTS and not self.api_key:
             raise ValueError(f"rollout.host = {self.host} exposes the engines: set rollout.api_key")
         if not 0 <= self.base_port < 65536:
