@@ -160,11 +160,13 @@ def main(argv=None) -> int:
     code = 0
     try:
         train(cfg)
-    except TrainingStopped as e:  # checkpointed, engines stopped
-        logger.warning("%s", e)
+    except TrainingStopped as e:  # checkpointed, engines stopped; every rank has the same message
+        if dist.get_rank() == 0:
+            logger.warning("%s", e)
         code = 128 + e.signum
     except RolloutFailure as e:
-        logger.error("%s", e)
+        if dist.get_rank() == 0:
+            logger.error("%s", e)
         code = 1
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -33,6 +33,12 @@ class RewardError(RuntimeError):
     """The reward function raised or returned a non-finite value and ``rollout.reward_on_error`` is stop."""
 
 
+def reward_failures(samples: Sequence[Sample]) -> int:
+    """Samples whose reward function raised or returned a non-finite value (scored
+    ``rollout.reward_failed_value`` by :meth:`RolloutGenerator._score`)."""
+    return sum("reward_error" in s.metadata for s in samples)
+
+
 def sample_seed(seed: int, group_id: int, index: int, prompt_ids: Sequence[int]) -> int:
     """A per-sample sampling seed, stable across runs (SGLang's `sampling_seed`)."""
     key = f"{seed}:{group_id}:{index}:{len(prompt_ids)}:{zlib.crc32(bytes(str(list(prompt_ids)), 'ascii'))}"

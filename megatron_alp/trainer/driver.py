@@ -71,6 +71,8 @@ class RolloutDriver:
         return batch, self._metrics(samples, rewards, dt, weight_version)
 
     def _metrics(self, samples, rewards: torch.Tensor, seconds: float, version: int) -> Dict[str, float]:
+        from rollout.generate import reward_failures
+
         n_tok = [s.num_model_tokens for s in samples]
         lengths = [len(s.response_ids) for s in samples]
         stale = []
@@ -89,9 +91,7 @@ class RolloutDriver:
             "rollout/response_len_mean": sum(lengths) / len(lengths),
             "rollout/response_len_max": float(max(lengths)),
             "rollout/truncation_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            # samples whose reward function raised or returned a non-finite value (scored
-            # rollout.reward_failed_value; rollout.generate.RolloutGenerator._score)
-            "rollout/reward_failures": float(sum("reward_error" in s.metadata for s in samples)),
+            "rollout/reward_failures": float(reward_failures(samples)),  # definition: rollout.generate
             "rollout/num_samples": float(len(samples)),
             "rollout/staleness_mean": (sum(stale) / len(stale)) if stale else math.nan,
             "rollout/staleness_max": float(max(stale)) if stale else math.nan,

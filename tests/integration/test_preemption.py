@@ -2,8 +2,8 @@
 
 - SIGTERM during a rollout: the step is abandoned, the completed steps are checkpointed, then the
   engines stop, then the trainer exits 143; the same command resumes from that checkpoint.
-- SIGTERM to torchrun (2 workers): the same, through torchrun's forwarding.
-- an engine SIGKILLed mid-run with no replacement: checkpoint, then one line naming the engine.
+- an engine SIGKILLed mid-run with no replacement (2 workers under torchrun): checkpoint, then
+  one line naming the engine.
 - kill -9 of torchrun: no worker and no engine is left behind.
 
 The runs use a reward (tests/integration/fault_rewards.py) that marks when step 2's rollout is in
@@ -30,10 +30,8 @@ SAMPLES_PER_STEP = 4 * 8
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from megatron_alp.demo.assets import prepare_tiny_assets
-
-    return prepare_tiny_assets(str(tmp_path_factory.mktemp("assets")), warm_steps=5, tp=1, num_prompts=64)
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def _cmd(assets, out, nproc, reward, steps):
@@ -137,31 +135,22 @@ def test_sigterm_mid_rollout_checkpoints_stops_engines_exits_143_and_resumes(ass
     assert "step_00000001 (step 1)" in again.stderr and _latest(out) == "step_00000002"
 
 
-def test_sigterm_to_torchrun_two_workers(assets, tmp_path):
+def test_engine_killed_mid_run_checkpoints_and_names_it(assets, tmp_path):
+    # Two workers under torchrun: rank 1 waits for the batch while rank 0 finds the fleet empty.
     out, marker = str(tmp_path), tmp_path / "in_step2"
     proc = _start(assets, out, marker, nproc=2)
     _wait_for(marker, proc)
     tree = _descendants(proc.pid)
-    assert sum("rollout.engines.local" in _cmdline(p) for p in tree) == 1
-    proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=300)[0]
-    assert _latest(out) == "step_00000001", log[-4000:]
-    assert log.count("stopped by signal 15 before step 2") == 2, log[-4000:]  # both workers
-    _assert_all_gone(tree)
-
-
-def test_engine_killed_mid_run_checkpoints_and_names_it(assets, tmp_path):
-    out, marker = str(tmp_path), tmp_path / "in_step2"
-    proc = _start(assets, out, marker)
-    _wait_for(marker, proc)
-    engine = [p for p in _descendants(proc.pid) if "rollout.engines.local" in _cmdline(p)][0]
+    engine = [p for p in tree if "rollout.engines.local" in _cmdline(p)][0]
     os.kill(engine, signal.SIGKILL)
     log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 1, log[-4000:]
+    assert proc.returncode != 0, log[-4000:]
     assert _latest(out) == "step_00000001"
     lines = [ln for ln in log.splitlines() if "rollout engines lost" in ln]
     assert len(lines) == 1 and "http://127.0.0.1:" in lines[0] and "checkpoint" in lines[0], log[-4000:]
-    assert "Traceback" not in log
+    # No traceback through our code (torchrun may print its own ChildFailedError summary).
+    assert [ln for ln in log.splitlines() if ln.strip().startswith('File "') and "megatron_alp" in ln] == []
+    _assert_all_gone(tree)
 
 
 def test_kill9_of_torchrun_leaves_nothing_behind(assets, tmp_path):
