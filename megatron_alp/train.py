@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 from typing import Dict, List
 
@@ -19,7 +21,7 @@ import torch.distributed as dist
 
 from .sync.weight_sync import WeightSync
 from .trainer.batching import dp_shard, mini_batches
-from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .trainer.monitor import make_monitor, tensorboard_hint
 from .trainer.preempt import Abort, RolloutFailure, TrainingStopped, rollout_or_abort
 from .trainer.setup import StopFlag, load_and_check, setup
@@ -156,7 +158,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_third_party()
     _die_with_torchrun()
-    cfg = load_and_check(args.config, args.overrides)
+    try:
+        cfg = load_and_check(args.config, args.overrides)
+    except ValueError as e:  # ConfigError included: one line, once (rank 0), no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
     code = 0
     try:
         train(cfg)
@@ -164,7 +171,7 @@ def main(argv=None) -> int:
         if dist.get_rank() == 0:
             logger.warning("%s", e)
         code = 128 + e.signum
-    except RolloutFailure as e:
+    except (RolloutFailure, CheckpointError) as e:
         if dist.get_rank() == 0:
             logger.error("%s", e)
         code = 1
@@ -176,8 +183,6 @@ def main(argv=None) -> int:
 def _die_with_torchrun() -> None:
     """Under torchrun, a SIGKILLed agent must not leave this worker (and, through the engines' own
     PR_SET_PDEATHSIG, its engines) running: the kernel kills us when our parent dies."""
-    import os
-
     from rollout.engines.processes import set_parent_death_signal
 
     if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != 1:

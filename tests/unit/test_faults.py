@@ -90,9 +90,8 @@ def stop_flag():
 
 
 def test_rollout_or_abort(stop_flag):
-    from rollout.fleet import FleetExhausted
-
     from megatron_alp.trainer.preempt import Abort, RolloutFailure, TrainingStopped, rollout_or_abort
+    from rollout.fleet import FleetExhausted
 
     ok = FakeDriver(lambda: ("batch", {}))
     assert rollout_or_abort(ok, stop_flag, False, 3, 3) == ("batch", {}) and ok.stream.pos == 4
