@@ -18,8 +18,20 @@ from rollout.sandbox_bwrap import bwrap_unusable
 REASON = bwrap_unusable("nobody")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no OS isolation here: {REASON}")
 
-DISARM = "import sys, os\nsys.modules['__main__'].DENIED.clear()\nsys.modules['__main__'].PATH_EVENTS.clear()\n" \
-         "sys.modules['__main__'].WRITE_FLAGS = 0\n"
+# Disarms the audit hook completely, as code that knows the sandbox would: empties its deny sets and
+# rewrites the hook closure's cells (sockets allowed, every path "inside").
+DISARM = """import sys, os, gc
+_m = sys.modules['__main__']
+_m.DENIED.clear()
+_m.PATH_EVENTS.clear()
+for _f in gc.get_objects():
+    if callable(_f) and getattr(_f, '__name__', '') == 'hook' and getattr(_f, '__closure__', None):
+        for _name, _cell in zip(_f.__code__.co_freevars, _f.__closure__):
+            if _name == 'block_sockets':
+                _cell.cell_contents = False
+            if _name == 'inside':
+                _cell.cell_contents = lambda p: True
+"""
 
 
 def run(code: str, **kw):
@@ -27,9 +39,13 @@ def run(code: str, **kw):
 
 
 def test_disarming_the_hook_works_so_the_os_is_what_stops_the_rest():
-    # Control: after DISARM, the hook no longer refuses process creation (fork succeeds inside).
-    res = run("pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint('child rc', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
+    # Control: after DISARM the hook refuses nothing (fork, sockets, writes outside the work dir all
+    # pass it), so every refusal in the tests below comes from the OS isolation.
+    res = run("pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint('child rc', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+              "import socket\nsocket.socket().close()\nprint('socket made')\n"
+              "open('/tmp/outside-work-dir', 'w').write('x')\nprint('tmp written')\n")
     assert res.status == "ok" and "child rc 7" in res.stdout, res
+    assert "socket made" in res.stdout and "tmp written" in res.stdout, res
 
 
 def test_os_system_and_subprocess_cannot_touch_the_host(tmp_path):
