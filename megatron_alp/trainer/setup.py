@@ -53,7 +53,16 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
         logger.warning("algorithm.kl_coef > 0 with a randomly initialised model: the reference is that init")
     if not cfg.model.hf_path and not r.model_path and not r.urls:
         raise ValueError("model.hf_path (HF checkpoint with tokenizer) is needed to start the rollout engines")
+    _check_output_dirs(cfg)
     return cfg
+
+
+def _check_output_dirs(cfg: Config) -> None:
+    """Directories the run writes must not be existing files (found now, not at the first save)."""
+    for field, path in (("run.output_root", cfg.run.output_root), ("checkpoint.dir", cfg.checkpoint.dir),
+                        ("bus.dir", cfg.bus.dir if cfg.bus.backend == "disk" else None)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{field} = {path} exists and is not a directory")
 
 
 def redacted(cfg: Config) -> Config:

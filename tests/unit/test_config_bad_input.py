@@ -65,3 +65,15 @@ def test_config_error_through_the_entry_point_is_one_line():
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
     assert lines == ["config error: parallel.tp must be >= 1, got 0"], out.stderr
+
+
+@pytest.mark.parametrize("field", ["run.output_root", "checkpoint.dir", "bus.dir"])
+def test_output_dirs_that_are_files_are_refused_at_load(tmp_path, field):
+    from megatron_alp.trainer.setup import _check_output_dirs
+
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    cfg = load_config(None, [f"{field}={target}"])
+    with pytest.raises(ValueError, match=f"{field} = .* exists and is not a directory"):
+        _check_output_dirs(cfg)
+    _check_output_dirs(load_config(None, [f"{field}={tmp_path}"]))  # a directory is fine
