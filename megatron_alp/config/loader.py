@@ -6,6 +6,7 @@
   including file, or to the ``configs/`` root); later files and the including file win.
 - ``section.key=value`` overrides (value parsed as YAML) are applied last.
 - A key given twice in one mapping of a file is an error naming the file, key and lines.
+- NaN is refused for every float field (infinities are left to each section's checks).
 After construction, each dataclass's ``validate()`` (if any) runs its cross-field checks.
 """
 
@@ -196,14 +197,19 @@ def _convert(value: Any, tp, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected int, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected float, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        if number != number:  # NaN is never a meaningful setting (and slips through `x <= 0` checks)
+            raise ConfigError(f"{where}: expected a number, got NaN")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -291,7 +291,7 @@ class RunConfig:
         _at_least("run", self, 0, "steps")
         _at_least("run", self, 1, "prompts_per_step", "mini_batches_per_step", "micro_batch_size",
                   "max_nonfinite_steps")
-        if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+        if not self.name.strip() or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
             raise ValueError(f"run.name must be a plain directory name (no path separators), got {self.name!r}")
 
     @property

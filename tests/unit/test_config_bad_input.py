@@ -33,6 +33,10 @@ REPO = os.path.dirname(str(CONFIG_ROOT))
     ("run.name=../escape", "run.name"),
     ("run.name=a/b", "run.name"),
     ("run.name=..", "run.name"),
+    ("run.name=' '", "run.name"),
+    ("rollout.temperature=.nan", "rollout.temperature"),
+    ("algorithm.kl_coef=.nan", "algorithm.kl_coef"),
+    ("alp.sigma_init=.nan", "alp.sigma_init"),
     ("rollout.sandbox.max_processes=0", "rollout.sandbox.max_processes"),
     ("rollout.sandbox.isolation=chroot", "rollout.sandbox.isolation"),
 ])
