@@ -196,3 +196,18 @@ def test_concurrent_runs(make_cfg):
 
     results = asyncio.run(main())
     assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
+
+
+def test_unisolated_fallback_refuses_root_unless_allowed(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("the refusal is for root")
+    with pytest.raises(RuntimeError, match="allow_unisolated_root"):
+        Sandbox(SandboxConfig(isolation="none"))
+    import rollout.sandbox_bwrap as bw
+
+    monkeypatch.setattr(bw, "bwrap_unusable", lambda user: "bwrap is not installed (simulated)")
+    with pytest.raises(RuntimeError, match="simulated"):
+        Sandbox(SandboxConfig())  # auto without bwrap: refused too, naming why
+    with pytest.raises(RuntimeError, match="isolation=bwrap: bwrap is not installed"):
+        Sandbox(SandboxConfig(isolation="bwrap", allow_unisolated_root=True))
+    assert Sandbox(SandboxConfig(allow_unisolated_root=True)).isolated is False

@@ -265,10 +265,3 @@ def test_work_dir_is_size_capped():
     assert res.status == "ok", res
     assert "DENIED 28" in res.stdout  # ENOSPC
 
-
-def test_fallback_refuses_root_unless_allowed():
-    if os.geteuid() != 0:
-        pytest.skip("the refusal is for root")
-    with pytest.raises(RuntimeError, match="allow_unisolated_root"):
-        Sandbox(SandboxConfig(isolation="none"))
-    assert Sandbox(SandboxConfig(isolation="none", allow_unisolated_root=True)).isolated is False
