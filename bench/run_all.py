@@ -9,7 +9,7 @@ import argparse
 import importlib
 import time
 
-BENCHES = ("alp_overhead", "logprob", "rollout", "convert", "bus", "step", "step_async", "pack")
+BENCHES = ("alp_overhead", "logprob", "rollout", "prefix_cache", "convert", "bus", "step", "step_async", "pack")
 
 
 def main(argv=None) -> int:
