@@ -104,9 +104,16 @@ class DataConfig:
     path: Optional[str] = None
     """JSONL or Parquet file of prompts (None = the caller provides prompts, e.g. a synthetic task)."""
     prompt_key: str = "prompt"
-    """Column with the prompt: a string, or a list of chat messages {role, content}."""
+    """Column with the prompt: a string, or a list of chat messages {role, content} (dotted paths
+    reach into nested records)."""
     label_key: str = "answer"
-    """Column with the ground truth handed to the reward function."""
+    """Column with the ground truth handed to the reward function; a dotted path reaches into nested
+    records (`reward_model.ground_truth`, the verl layout). A record without it fails the load."""
+    require_label: bool = True
+    """Fail the load when a record has no label (False: such samples score 0, for label-free rewards)."""
+    instruction: Optional[str] = None
+    """Text prepended to the first user message (the reference's `data.prompt`): literal text, or a
+    name from rollout/prompts.py (`simpletir`: the ALP multi-turn tool instruction)."""
     apply_chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template when it has one."""
     system_prompt: Optional[str] = None
@@ -150,13 +157,14 @@ class MultiTurnConfig:
     enabled: bool = False
     """Run multi-turn generation with the Python tool instead of single-turn."""
     max_turns: int = 5
-    """Model turns per sample (a tool call closes a turn; the last turn cannot call the tool)."""
+    """Model turns per sample (a closed code block ends a turn; the last turn's block is not run)."""
     max_response_len: int = 1024
-    """Budget of all response tokens of a sample (model and observation tokens together)."""
-    stop: List[str] = field(default_factory=lambda: ["```output"])
-    """Stop strings that end a turn to run its code (the model announces the output block)."""
+    """Budget of all response tokens of a sample (model and observation tokens together); each turn
+    also stops at `rollout.max_new_tokens`."""
     observation_max_tokens: int = 256
     """Token budget of one tool observation; longer output is cut with a marker."""
+    final_answer_func: bool = True
+    """Define `final_answer(x)` (prints `\\boxed{x}`) before each code block, as the reference does."""
 
     def validate(self) -> None:
         _positive("rollout.multi_turn", self, "max_turns", "max_response_len", "observation_max_tokens")
