@@ -163,7 +163,7 @@ def end_of_turn(cfg) -> Optional[Tuple[str, int]]:
 
 def check_rollout_inputs(cfg) -> Tuple[List[str], List[str]]:
     """(problems, warnings): the dataset has every record's prompt and label; the stop set ends turns."""
-    from rollout.data import read_records, get_field
+    from rollout.data import get_field, read_records
 
     problems: List[str] = []
     warnings: List[str] = []
