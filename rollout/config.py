@@ -217,6 +217,11 @@ class RolloutConfig:
     reward: str = "math"
     """Reward function: `math` (math-verify on the boxed answer), `synthetic`, or a dotted path
     `package.module:function` (signature in docs/rollout.md)."""
+    reward_workers: int = 4
+    """Processes that score rewards (off the event loop, killable); 0 = score inline. The built-in
+    `synthetic` reward and async reward functions always run inline."""
+    reward_timeout_s: float = 120.0
+    """Hard limit of one reward call in a worker (the reference's 120 s); past it the sample scores 0."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """SGLang launch options."""
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -247,7 +252,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.host = {self.host} exposes the engines: set rollout.api_key")
         if not 0 <= self.base_port < 65536:
             raise ValueError(f"rollout.base_port must be in [0, 65535], got {self.base_port}")
-        _positive("rollout", self, "startup_timeout_s", "max_concurrent_requests")
+        _positive("rollout", self, "startup_timeout_s", "max_concurrent_requests", "reward_timeout_s")
+        if self.reward_workers < 0:
+            raise ValueError(f"rollout.reward_workers must be >= 0, got {self.reward_workers}")
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: '{url}' is not an http(s) URL")

@@ -53,7 +53,7 @@ class ScriptedEngine:
 
 
 def cfg(**mt):
-    return RolloutConfig(n_samples=2, max_new_tokens=200, reward="math",
+    return RolloutConfig(n_samples=2, max_new_tokens=200, reward="math", reward_workers=0,
                          multi_turn=MultiTurnConfig(enabled=True, **mt),
                          sandbox=SandboxConfig(timeout_s=10))
 
@@ -172,7 +172,7 @@ def test_per_turn_budget_spans_continuations(tok):
 
 def test_single_turn_groups_seeds_and_top_p_warning(tok, caplog):
     engine = ScriptedEngine(tok, [FINAL])
-    c = RolloutConfig(n_samples=3, max_new_tokens=50, top_p=0.9, reward="math", stop_token_ids=[2])
+    c = RolloutConfig(n_samples=3, max_new_tokens=50, top_p=0.9, reward="math", stop_token_ids=[2], reward_workers=0)
     caplog.set_level(logging.WARNING, logger="rollout.generate")
     gen = RolloutGenerator(engine, tok, c)
     assert "top_p = 0.9" in caplog.text
@@ -187,3 +187,21 @@ def test_single_turn_groups_seeds_and_top_p_warning(tok, caplog):
     engine.requests.clear()
     gen.generate_sync([_prompt(tok, "42"), _prompt(tok, "41")], seed=5)
     assert [p["sampling_seed"] for _, p in engine.requests] == seeds
+
+
+def test_tool_metrics_from_samples(tok):
+    from rollout.tool_metrics import tool_metrics
+
+    c = cfg()
+    c.sandbox.timeout_s, c.reward_workers = 1, 1  # scored in a worker process: reward_status is set
+    s1, _ = _run(tok, ["```python\nwhile True: pass\n```", "```python\n1/0\n```", TOOL_TURN, FINAL], c)
+    s2, _ = _run(tok, ["I think it is 41.<|im_end|>"])
+    m = tool_metrics([s1, s2])
+    obs1 = len(s1.loss_mask) - sum(s1.loss_mask)
+    assert obs1 > 0 and m["rollout/obs_tokens_mean"] == obs1 / 2
+    assert m["rollout/turns_mean"] == (4 + 1) / 2 and m["rollout/tool_calls_mean"] == 3 / 2
+    assert m["rollout/tool_use_frac"] == 0.5 and m["rollout/final_answer_frac"] == 0.5
+    assert (m["rollout/tool_status_ok"], m["rollout/tool_status_error"], m["rollout/tool_status_timeout"],
+            m["rollout/tool_status_memory"]) == (1, 1, 1, 0)
+    assert m["rollout/reward_timeouts"] == 0 and s1.metadata["reward_status"] == "ok"
+    assert "rollout/turns_mean" not in tool_metrics([s2], multi_turn=False)
