@@ -77,7 +77,7 @@ def prepare_tir_assets(out: str, warm_steps: int = 150, num_prompts: int = 256, 
     make_tiny_model(init_dir, alphabet="full", hidden_size=64, num_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=128, seed=seed)
     tok = AutoTokenizer.from_pretrained(init_dir)
-    examples = [trajectory(tok, q, a) for q, a in problems(2048, seed=seed + 1)]
+    examples = [trajectory(tok, q, a) for q, a in problems(1024, seed=seed + 1)]
     loss = fit_sequences(init_dir, hf_dir, examples, steps=warm_steps, batch_size=32, lr=3e-3, seed=seed)
     logger.info("TIR warm start: final loss %.3f", loss)
     data = os.path.join(out, "train.parquet")

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def assets(tmp_path_factory):
     from megatron_alp.demo.tir_task import prepare_tir_assets
 
-    return prepare_tir_assets(str(tmp_path_factory.mktemp("tir")), warm_steps=200)
+    return prepare_tir_assets(str(tmp_path_factory.mktemp("tir")), warm_steps=150)
 
 
 def _overrides(assets, out):
