@@ -20,14 +20,20 @@ from megatron_alp.config.loader import CONFIG_ROOT
 REPO = os.path.dirname(str(CONFIG_ROOT))
 CONFIG = str(CONFIG_ROOT / "experiments" / "tir_tiny_cpu.yaml")
 
-pytestmark = pytest.mark.slow
+# The fixture warm-starts and converts a model (about a minute on 2 free cores, far more on a loaded
+# machine): a longer limit than the suite's default 600 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from megatron_alp.demo.tir_task import prepare_tir_assets
 
-    return prepare_tir_assets(str(tmp_path_factory.mktemp("tir")), warm_steps=150)
+    reuse = os.environ.get("ALP_TIR_ASSETS")  # a folder `python -m megatron_alp.demo.tir_task` wrote
+    if reuse:
+        return {"hf": os.path.join(reuse, "hf_warm"), "mcore": os.path.join(reuse, "mcore"),
+                "data": os.path.join(reuse, "train.parquet")}
+    return prepare_tir_assets(str(tmp_path_factory.mktemp("tir")), warm_steps=100)
 
 
 def _overrides(assets, out):
