@@ -12,8 +12,8 @@ driver adds these to its step metrics. Definitions (means are over the samples o
 - ``rollout/obs_tokens_mean``: observation (tool output) tokens per sample, the loss-masked ones;
 - ``rollout/final_answer_frac``: fraction of samples whose response holds a ``\\boxed{...}``
   answer (:func:`rollout.rewards.math.extract_boxed`, the answer the math reward reads);
-- ``rollout/reward_timeouts`` / ``rollout/reward_errors``: samples whose reward call ran past
-  ``rollout.reward_timeout_s`` / raised, scored 0 (counts over the rollout).
+- ``rollout/reward_timeouts``: samples whose reward call ran past ``rollout.reward_timeout_s``,
+  scored 0 (count over the rollout; a reward that raised counts in ``rollout/reward_failures``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ def tool_metrics(samples: Sequence[Sample], multi_turn: bool = True) -> Dict[str
     out = {
         "rollout/final_answer_frac": sum(extract_boxed(s.response_text) is not None for s in samples) / n,
         "rollout/reward_timeouts": float(sum(s.metadata.get("reward_status") == "timeout" for s in samples)),
-        "rollout/reward_errors": float(sum(s.metadata.get("reward_status") == "error" for s in samples)),
     }
     if not multi_turn:
         return out

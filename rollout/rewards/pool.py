@@ -59,7 +59,8 @@ class _Worker:
 
 
 class RewardPool:
-    """``await pool.score(prompt, response, label, metadata)`` -> (reward, status 'ok'|'error'|'timeout')."""
+    """``await pool.score(prompt, response, label, metadata)`` -> (reward, 'ok') | (0.0, 'timeout') |
+    (error message, 'error')."""
 
     def __init__(self, name: str, workers: int, timeout_s: float):
         self.name, self.timeout_s = name, timeout_s
@@ -94,8 +95,7 @@ class RewardPool:
             logger.warning("reward %s ran past %g s: scored 0 (worker replaced)", self.name, self.timeout_s)
             return 0.0, status
         if status == "error":
-            logger.warning("reward %s failed: %s (scored 0)", self.name, value)
-            return 0.0, status
+            return value, status  # the message: the caller applies rollout.reward_on_error
         return float(value), status
 
     async def score(self, prompt: str, response: str, label: Any, metadata: Dict[str, Any]) -> Tuple[float, str]:

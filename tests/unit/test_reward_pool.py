@@ -59,7 +59,8 @@ def test_timeout_scores_zero_counts_and_never_blocks_the_loop():
 def test_errors_score_zero():
     pool = RewardPool(f"{__name__}:failing_reward", workers=1, timeout_s=30)
     try:
-        assert asyncio.run(pool.score("", "x", "1", {})) == (0.0, "error") and pool.counts["error"] == 1
+        assert asyncio.run(pool.score("", "x", "1", {})) == ("ValueError: bad label", "error")
+        assert pool.counts["error"] == 1
     finally:
         pool.close()
 
