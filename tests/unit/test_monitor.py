@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-import math
+import pytest
 
 from megatron_alp.trainer.monitor import TensorBoardMonitor, terminal_line
 from megatron_alp.trainer.step_metrics import merge_updates
 
 
 def test_merge_updates_rules():
+    """One rule per metric (reduction_of): counts summed, extremes, samples concatenated, means."""
     ups = [
-        {"ratio/token_max": 2.0, "ratio/token_min": 0.5, "train/loss": 1.0, "ratio/log_ratio_hist": [0.1, 0.2],
-         "mismatch/k3": 0.01},
-        {"ratio/token_max": 3.0, "ratio/token_min": 0.7, "train/loss": 3.0, "ratio/log_ratio_hist": [0.3],
-         "mismatch/k3": 0.05},
+        {"train/grad_norm": 1.0, "train/loss": 1.0, "train/nonfinite_grad": 0.0, "train/skipped_step": 1.0,
+         "train/tokens": 10.0, "ratio/log_ratio_token_hist": [0.1, 0.2], "x/y_max": 2.0, "x/y_min": 0.5},
+        {"train/grad_norm": 3.0, "train/loss": 3.0, "train/nonfinite_grad": 1.0, "train/skipped_step": 1.0,
+         "train/tokens": 30.0, "ratio/log_ratio_token_hist": [0.3], "x/y_max": 3.0, "x/y_min": 0.7},
     ]
     m = merge_updates(ups)
-    assert m["ratio/token_max"] == 3.0 and m["ratio/token_min"] == 0.5
-    assert m["train/loss"] == 2.0
-    assert m["ratio/log_ratio_hist"] == [0.1, 0.2, 0.3]
-    assert math.isclose(m["mismatch/k3"], 0.03) and m["mismatch/k3_first_update"] == 0.01
+    assert m["train/loss"] == 2.0 and m["train/grad_norm"] == 2.0
+    assert m["train/tokens"] == 40.0 and m["train/nonfinite_grad"] == 1.0 and m["train/skipped_step"] == 2.0
+    assert m["ratio/log_ratio_token_hist"] == [0.1, 0.2, 0.3]
+    assert m["x/y_max"] == 3.0 and m["x/y_min"] == 0.5
+
+
+def test_merge_refuses_per_update_quantiles():
+    with pytest.raises(ValueError, match="quantile"):
+        merge_updates([{"ratio/token_p99.9": 1.0}, {"ratio/token_p99.9": 2.0}])
 
 
 def test_merge_ignores_non_finite_in_means():
