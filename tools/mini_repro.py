@@ -44,7 +44,7 @@ def asset_paths(out: str, task: str, digits: int) -> dict:
             "task_data": os.path.join(assets, f"{task}{digits}_train.jsonl")}
 
 
-def prepare(out: str, task: str, digits: int, warm_steps: int) -> dict:
+def prepare(out: str, task: str, digits: int, warm_steps: int, hidden: int = 64) -> dict:
     """The tiny model, its Megatron checkpoint and the task's prompts, made once per ``out``."""
     from megatron_alp.demo.assets import prepare_tiny_assets
     from rollout.rewards.synthetic import synthetic_records
@@ -52,13 +52,22 @@ def prepare(out: str, task: str, digits: int, warm_steps: int) -> dict:
     paths = asset_paths(out, task, digits)
     stamp = os.path.join(out, "assets", "assets.json")
     if not os.path.exists(stamp):
-        prepare_tiny_assets(os.path.join(out, "assets"), warm_steps=warm_steps, tp=1, log=print)
+        prepare_tiny_assets(os.path.join(out, "assets"), warm_steps=warm_steps, tp=1, log=print,
+                            hidden_size=hidden, intermediate_size=2 * hidden, digits=digits)
         with open(stamp, "w") as f:
             json.dump(paths, f)
     if not os.path.exists(paths["task_data"]):
         with open(paths["task_data"], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in synthetic_records(2048, task, digits, seed=0))
     return paths
+
+
+def size_overrides(hidden: int, digits: int) -> list:
+    """The model section of the assets' model and the response cap of the task (the answer plus
+    EOS plus slack); the DRPO group's horizon is that cap, as 8192 is the recipe's."""
+    cap = digits + 3
+    return [f"model.hidden_size={hidden}", f"model.ffn_hidden_size={2 * hidden}", f"rollout.max_new_tokens={cap}",
+            f"rollout.data.max_prompt_len={digits + 8}", f"algorithm.horizon={cap}"]
 
 
 def run_command(python: str, cfg: str, name: str, seed: int, out: str, assets: dict, steps: int,
@@ -92,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="reverse", choices=["copy", "reverse", "add"])
     ap.add_argument("--digits", type=int, default=3)
     ap.add_argument("--warm-steps", type=int, default=55)
+    ap.add_argument("--hidden", type=int, default=64, help="model width (FFN = 2 x width)")
+    ap.add_argument("--configs", nargs="+", default=None, help="only these config names of the groups")
     ap.add_argument("--nproc", type=int, default=1, help="trainer processes (TP size)")
     ap.add_argument("--force", action="store_true", help="rerun runs that are already complete")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -101,15 +112,17 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     t_start = time.time()
     assets = (asset_paths(out, args.task, args.digits) if args.dry_run
-              else prepare(out, args.task, args.digits, args.warm_steps))
+              else prepare(out, args.task, args.digits, args.warm_steps, args.hidden))
+    extra = [*size_overrides(args.hidden, args.digits), *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     record, lines = [], [f"# mini-reproduction commands (cwd: {REPO})\n"]
     for group in args.groups:
         for _label, cfg in GROUPS[group]:
+            if args.configs and cfg not in args.configs:
+                continue
             for seed in args.seeds:
                 name = f"{cfg}_s{seed}"
-                cmd = run_command(sys.executable, cfg, name, seed, out, assets, args.steps, args.nproc,
-                                  args.overrides)
+                cmd = run_command(sys.executable, cfg, name, seed, out, assets, args.steps, args.nproc, extra)
                 text = "OMP_NUM_THREADS=1 " + shlex.join(cmd)
                 lines.append(f"- `{name}`: `{text}`\n")
                 run_dir = os.path.join(out, "runs", name)
@@ -139,7 +152,8 @@ def main(argv=None) -> int:
     import compare_runs
 
     for group in args.groups:
-        specs = [f"{label}={os.path.join(out, 'runs', cfg)}_s*" for label, cfg in GROUPS[group]]
+        specs = [f"{label}={os.path.join(out, 'runs', cfg)}_s*" for label, cfg in GROUPS[group]
+                 if not args.configs or cfg in args.configs]
         compare_runs.main([*(a for s in specs for a in ("--run", s)), "--out", args.results,
                            "--prefix", f"{group}_"])
     print(f"matrix wall time {time.time() - t_start:.0f} s; commands in {out}/commands.md")

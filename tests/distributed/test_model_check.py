@@ -14,6 +14,8 @@ import torch
 
 from megatron_alp.runtime.spawn import run_world
 
+pytestmark = pytest.mark.slow  # one conversion subprocess and two single-rank worlds (~1-2 min idle)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V = 250
 PRESET = ["model.family=qwen2", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=96",
