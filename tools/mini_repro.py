@@ -91,6 +91,29 @@ def logged_steps(run_dir: str) -> int:
     return len(read_scalars(dirs[0]).get("rollout/reward_mean", {}))
 
 
+def run_all(todo, out: str, env: dict, jobs: int) -> list:
+    """Run ``(name, cmd)`` pairs, at most ``jobs`` at a time; one log per run under ``out/logs``."""
+    record, running, queue = [], {}, list(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            name, cmd = queue.pop(0)
+            log = open(os.path.join(out, "logs", f"{name}.log"), "w")
+            running[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
+                             log, time.time())
+        for name, (proc, log, t0) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            del running[name]
+            dt = time.time() - t0
+            record.append({"run": name, "rc": rc, "seconds": round(dt, 1)})
+            print(f"[{'ok' if rc == 0 else f'FAILED rc={rc}'}] {name} in {dt:.0f} s"
+                  + ("" if rc == 0 else f" (log: {out}/logs/{name}.log)"), flush=True)
+        time.sleep(2)
+    return record
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "mini_repro"))
@@ -104,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=64, help="model width (FFN = 2 x width)")
     ap.add_argument("--configs", nargs="+", default=None, help="only these config names of the groups")
     ap.add_argument("--nproc", type=int, default=1, help="trainer processes (TP size)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at the same time (each is a trainer + an engine)")
     ap.add_argument("--force", action="store_true", help="rerun runs that are already complete")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
@@ -115,7 +139,7 @@ def main(argv=None) -> int:
               else prepare(out, args.task, args.digits, args.warm_steps, args.hidden))
     extra = [*size_overrides(args.hidden, args.digits), *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    record, lines = [], [f"# mini-reproduction commands (cwd: {REPO})\n"]
+    record, lines, todo = [], [f"# mini-reproduction commands (cwd: {REPO})\n"], []
     for group in args.groups:
         for _label, cfg in GROUPS[group]:
             if args.configs and cfg not in args.configs:
@@ -135,14 +159,8 @@ def main(argv=None) -> int:
                 if args.force or os.path.isdir(run_dir):
                     shutil.rmtree(run_dir, ignore_errors=True)  # no half-run resume: each run starts fresh
                     shutil.rmtree(os.path.join(out, "bus", name), ignore_errors=True)
-                t0 = time.time()
-                with open(os.path.join(out, "logs", f"{name}.log"), "w") as log:
-                    rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        check=False).returncode
-                dt = time.time() - t0
-                record.append({"run": name, "rc": rc, "seconds": round(dt, 1)})
-                print(f"[{'ok' if rc == 0 else f'FAILED rc={rc}'}] {name} in {dt:.0f} s"
-                      + ("" if rc == 0 else f" (log: {out}/logs/{name}.log)"), flush=True)
+                todo.append((name, cmd))
+    record = run_all(todo, out, env, max(1, args.jobs))
     with open(os.path.join(out, "commands.md"), "w") as f:
         f.writelines(lines)
     if args.dry_run:
