@@ -14,10 +14,11 @@ import re
 from typing import Dict, Iterable, List
 
 # (label, metric prefix): the ratios whose tails are charted, in this order.
-RATIOS = (("token ratio pi/mu", "ratio/token"), ("sequence ratio pi/mu", "ratio/seq"),
-          ("ratio the loss clips", "ratio/loss"), ("DRPO weight", "drpo/w"))
-KL_GROUPS = (("mismatch: pi_old vs mu (step start)", "mismatch"), ("ratio: pi vs mu (whole step)", "ratio"),
-             ("staleness: pi vs pi_old", "staleness"))
+# TensorBoard orders the charts of a category by title: the numbers keep this order.
+RATIOS = (("1 token ratio pi/mu", "ratio/token"), ("2 sequence ratio pi/mu", "ratio/seq"),
+          ("3 ratio the loss clips", "ratio/loss"), ("4 DRPO weight", "drpo/w"))
+KL_GROUPS = (("1 KL mismatch: pi_old vs mu (step start)", "mismatch"), ("2 KL ratio: pi vs mu (whole step)", "ratio"),
+             ("3 KL staleness: pi vs pi_old", "staleness"))
 
 
 def _exact(name: str) -> str:
@@ -38,16 +39,16 @@ def layout_for(names: Iterable[str]) -> Dict[str, Dict[str, list]]:
     for label, p in KL_GROUPS:
         tags = [f"{p}/{k}" for k in ("k1", "k2", "k3") if f"{p}/{k}" in have]
         if tags:
-            kl[f"KL {label}: k1 k2 k3"] = ["Multiline", [_exact(t) for t in tags]]
+            kl[f"{label}: k1 k2 k3"] = ["Multiline", [_exact(t) for t in tags]]
     first = [t for t in ("mismatch/k3", "ratio/k3_first_update", "ratio/k3") if t in have]
     if first:
-        kl["k3: mismatch (step start) vs first update vs whole step"] = ["Multiline", [_exact(t) for t in first]]
+        kl["4 k3: mismatch (step start) vs first update vs whole step"] = ["Multiline", [_exact(t) for t in first]]
     rest: Dict[str, list] = {}
     if any(n.startswith("alp/sigma/") for n in have):
-        rest["ALP sigma per layer"] = ["Multiline", ["^alp/sigma/"]]
+        rest["2 ALP sigma per layer"] = ["Multiline", ["^alp/sigma/"]]
     rewards = [t for t in ("rollout/reward_mean", "rollout/pass_rate") if t in have]
     if rewards:
-        rest["reward"] = ["Multiline", [_exact(t) for t in rewards]]
+        rest["1 reward"] = ["Multiline", [_exact(t) for t in rewards]]
     out = {"ratio tails": tails, "KL and mismatch": kl, "sigma and reward": rest}
     return {k: v for k, v in out.items() if v}
 

@@ -61,7 +61,7 @@ def _common_checks(run_dir, steps, mismatch=True):
     layout = read_layout(os.path.join(run_dir, "tensorboard"))
     assert layout is not None and [c.title for c in layout.category][:2] == ["ratio tails", "KL and mismatch"]
     charts = [ch.title for c in layout.category for ch in c.chart]
-    assert "token ratio pi/mu: p0.1 / p50 / p99.9" in charts and "token ratio pi/mu: min / p50 / max" in charts
+    assert "1 token ratio pi/mu: p0.1 / p50 / p99.9" in charts and "1 token ratio pi/mu: min / p50 / max" in charts
     assert missing_series(layout, scal) == []
     assert "ratio/log_ratio_token_hist" in hists
     assert scal["train/bus_version"][-1] == steps
@@ -78,7 +78,7 @@ def test_token_alp_tp2(assets, tmp_path):
     from megatron_alp.trainer.tb_layout import read_layout
 
     layout = {ch.title for c in read_layout(os.path.join(run, "tensorboard")).category for ch in c.chart}
-    assert {"ALP sigma per layer", "k3: mismatch (step start) vs first update vs whole step"} <= layout
+    assert {"2 ALP sigma per layer", "4 k3: mismatch (step start) vs first update vs whole step"} <= layout
     assert abs(scal["alp/sigma_mean"][-1] - 0.02) > 1e-4, "sigma did not move"
     assert all(0 < r <= 1 for r in scal["rollout/reward_mean"])
 

@@ -79,14 +79,14 @@ def test_custom_scalars_layout_is_written_and_names_only_logged_series(tmp_path)
     layout = read_layout(str(tmp_path))
     assert [c.title for c in layout.category] == ["ratio tails", "KL and mismatch", "sigma and reward"]
     charts = {ch.title: ch for c in layout.category for ch in c.chart}
-    env = charts["token ratio pi/mu: p0.1 / p50 / p99.9"].margin.series[0]
+    env = charts["1 token ratio pi/mu: p0.1 / p50 / p99.9"].margin.series[0]
     assert (env.value, env.lower, env.upper) == ("ratio/token_p50", "ratio/token_p0.1", "ratio/token_p99.9")
-    ext = charts["ratio the loss clips: min / p50 / max"].margin.series[0]
+    ext = charts["3 ratio the loss clips: min / p50 / max"].margin.series[0]
     assert (ext.lower, ext.upper) == ("ratio/loss_min", "ratio/loss_max")
-    assert len(charts["KL mismatch: pi_old vs mu (step start): k1 k2 k3"].multiline.tag) == 3
-    assert list(charts["k3: mismatch (step start) vs first update vs whole step"].multiline.tag) == [
+    assert len(charts["1 KL mismatch: pi_old vs mu (step start): k1 k2 k3"].multiline.tag) == 3
+    assert list(charts["4 k3: mismatch (step start) vs first update vs whole step"].multiline.tag) == [
         r"^mismatch/k3$", r"^ratio/k3_first_update$", r"^ratio/k3$"]
-    assert "ALP sigma per layer" in charts and "reward" in charts
+    assert "2 ALP sigma per layer" in charts and "1 reward" in charts
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
