@@ -29,7 +29,7 @@ TERMINAL_KEYS = (
 class Monitor:
     """No-op base: every rank but the writer holds one of these."""
 
-    def log(self, metrics: Dict[str, object], step: int) -> None:
+    def log(self, metrics: Dict[str, object], step: int, terminal: bool = True) -> None:
         pass
 
     def text(self, tag: str, value: str, step: int = 0) -> None:
@@ -50,7 +50,7 @@ class TensorBoardMonitor(Monitor):
         self.histograms = histograms
         self._layout_written = False
 
-    def log(self, metrics: Dict[str, object], step: int) -> None:
+    def log(self, metrics: Dict[str, object], step: int, terminal: bool = True) -> None:
         import numpy as np
 
         if not self._layout_written:  # the custom-scalars layout, from the first step's metric names
@@ -74,7 +74,7 @@ class TensorBoardMonitor(Monitor):
                 continue
             self.writer.add_scalar(name, v, step)
         self.writer.flush()
-        if step % self.log_interval == 0:
+        if terminal and step % self.log_interval == 0:
             logger.info(terminal_line(metrics, step))
 
     def text(self, tag: str, value: str, step: int = 0) -> None:
