@@ -53,7 +53,9 @@ class TensorBoardMonitor(Monitor):
     def log(self, metrics: Dict[str, object], step: int, terminal: bool = True) -> None:
         import numpy as np
 
-        if not self._layout_written:  # the custom-scalars layout, from the first step's metric names
+        if not self._layout_written and any(k.startswith(("ratio/", "rollout/")) for k in metrics):
+            # The custom-scalars layout, from the first training step's metric names (an eval at
+            # the start logs eval/ only, before it).
             from .tb_layout import layout_for
 
             self.writer.add_custom_scalars(layout_for(

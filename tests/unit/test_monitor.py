@@ -73,6 +73,7 @@ def test_custom_scalars_layout_is_written_and_names_only_logged_series(tmp_path)
     metrics.update({"ratio/k3_first_update": 0.1, "rollout/reward_mean": 0.5, "alp/sigma/decoder.layers.0": 0.02,
                     "alp/sigma/decoder.layers.1": 0.03})
     mon = TensorBoardMonitor(str(tmp_path), histograms=False)
+    mon.log({"eval/copy/score": 0.5}, 0, terminal=False)  # an eval at the start comes first
     for step in range(2):
         mon.log(metrics, step)
     mon.close()
