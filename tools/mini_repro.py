@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     for group in args.groups:
         specs = [f"{label}={os.path.join(out, 'runs', cfg)}_s*" for label, cfg in GROUPS[group]
                  if not args.configs or cfg in args.configs]
+        if not specs:  # --configs selected nothing of this group
+            continue
         compare_runs.main([*(a for s in specs for a in ("--run", s)), "--out", args.results,
                            "--prefix", f"{group}_"])
     print(f"matrix wall time {time.time() - t_start:.0f} s; commands in {out}/commands.md")
