@@ -17,6 +17,23 @@ from ..algo.config import AlgorithmConfig
 FAMILIES = ("qwen2", "qwen3", "llama")
 
 
+def _at_least(section: str, obj, low, *names: str) -> None:
+    """Each named field (None = unset, skipped) must be >= ``low``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= low:  # `not >=` also refuses NaN
+            raise ValueError(f"{section}.{name} must be >= {low}, got {value}")
+
+
+def _finite(section: str, obj, *names: str) -> None:
+    import math
+
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{section}.{name} must be finite, got {value}")
+
+
 @dataclass
 class ModelConfig:
     family: Literal["qwen2", "qwen3", "llama"] = "qwen2"
@@ -89,6 +106,9 @@ class ParallelConfig:
     """Activation recomputation."""
     recompute_num_layers: int = 1
     """Layers per recompute chunk (full recompute, uniform method)."""
+
+    def validate(self) -> None:
+        _at_least("parallel", self, 1, "tp", "pp", "cp", "dp", "recompute_num_layers")
 
 
 @dataclass
@@ -176,6 +196,18 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
 
+    def validate(self) -> None:
+        _finite("optimizer", self, "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad")
+        _at_least("optimizer", self, 0, "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad",
+                  "adam_beta1", "adam_beta2")
+        for name in ("adam_beta1", "adam_beta2"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"optimizer.adam_eps must be > 0, got {self.adam_eps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr = {self.min_lr} is above optimizer.lr = {self.lr}")
+
 
 @dataclass
 class BusConfig:
@@ -223,6 +255,14 @@ class CheckpointConfig:
     """Save every N steps (0 = only at the end and on SIGTERM)."""
     load: Optional[str] = None
     """Resume from this checkpoint directory, or the Megatron checkpoint of a converted HF model."""
+    keep: int = 0
+    """Keep the newest N complete checkpoints, deleting older ones after each save (0 = keep all).
+    The one being written and the last complete one are never deleted."""
+
+    def validate(self) -> None:
+        for name in ("save_interval", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -257,6 +297,13 @@ class RunConfig:
     """Sequences per micro-batch."""
     max_nonfinite_steps: int = 3
     """Consecutive non-finite losses after which the run stops."""
+
+    def validate(self) -> None:
+        _at_least("run", self, 0, "steps")
+        _at_least("run", self, 1, "prompts_per_step", "mini_batches_per_step", "micro_batch_size",
+                  "max_nonfinite_steps")
+        if not self.name.strip() or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+            raise ValueError(f"run.name must be a plain directory name (no path separators), got {self.name!r}")
 
     @property
     def output_dir(self) -> str:

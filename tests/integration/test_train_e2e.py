@@ -20,10 +20,8 @@ CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from megatron_alp.demo.assets import prepare_tiny_assets
-
-    return prepare_tiny_assets(str(tmp_path_factory.mktemp("assets")), warm_steps=55, tp=1)
+def assets(tiny_assets):
+    return tiny_assets  # tests/integration/conftest.py: built once for every end-to-end test
 
 
 def _train(assets, out, name, nproc, *overrides, steps=3):
