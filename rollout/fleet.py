@@ -61,7 +61,8 @@ class Fleet:
     """A pool of engine clients. ``generate`` has the same signature as ``EngineClient.generate``."""
 
     def __init__(self, clients: Sequence[EngineClient], *, router: Optional[EngineClient] = None,
-                 max_concurrent: int = 512, probe_timeout_s: float = 5.0, max_abort_retries: int = 8):
+                 max_concurrent: int = 512, probe_timeout_s: float = 5.0, max_abort_retries: int = 8,
+                 flush_timeout_s: float = 600.0):
         if not clients:
             raise ValueError("a fleet needs at least one engine")
         self._engines = [_Engine(c) for c in clients]
@@ -69,6 +70,7 @@ class Fleet:
         self._sem = asyncio.Semaphore(max_concurrent)
         self._probe_timeout_s = probe_timeout_s
         self._max_abort_retries = max_abort_retries
+        self._flush_timeout_s = flush_timeout_s
         self._rr = itertools.count()
         self._running = asyncio.Event()
         self._running.set()
@@ -264,8 +266,15 @@ class Fleet:
         if errors:
             logger.error("pause_generation failed on %s", errors)
 
-    async def resume(self) -> None:
-        """Continue the engines this fleet paused (not those dropped paused) and release requests."""
+    async def resume(self, flush: bool = False) -> None:
+        """Continue the engines this fleet paused (not those dropped paused) and release requests.
+
+        With ``flush`` (after any weight change) no request is released before every continued
+        engine has flushed its prefix cache: KV computed with the old weights is never reused for a
+        new request. SGLang flushes only when no request runs, so with ``pause_mode: in_place`` (the
+        paused requests keep running on their old KV) this waits for them to finish; an engine that
+        cannot flush within ``flush_timeout_s`` is dropped.
+        """
         targets = [e for e in self._engines if e.paused and not e.keep_paused]
         try:
             res = await asyncio.gather(*(e.client.continue_generation() for e in targets), return_exceptions=True)
@@ -274,8 +283,29 @@ class Fleet:
                 e.paused = e.paused and isinstance(r, BaseException)
             if errors:
                 logger.error("continue_generation failed on %s", errors)
+            if flush:
+                await asyncio.gather(*(self._flush(e) for e in targets if e.alive and not e.paused))
         finally:
             self._running.set()
+
+    async def _flush(self, eng: _Engine) -> None:
+        """POST /flush_cache until the engine accepts it (it refuses while requests run)."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self._flush_timeout_s, 0.02
+        while True:
+            try:
+                await eng.client.flush_cache()
+                return
+            except EngineHTTPError as e:
+                if e.status != 400 or loop.time() > deadline:
+                    self.drop(eng.client.url, f"could not flush its prefix cache after a weight update: {e}",
+                              keep_paused=False)
+                    return
+            except EngineError as e:
+                self.drop(eng.client.url, f"flush_cache after a weight update: {e}", keep_paused=False)
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
     async def update_weights_from_disk(self, model_path: str, weight_version: str, *,
                                        pause_mode: str = "abort") -> None:
@@ -286,11 +316,15 @@ class Fleet:
         The checkpoint bus's commit (:func:`rollout.bus.commit.commit`) adds retries, log-prob
         spot checks and the stop-the-run policy on top of the same steps.
         """
+        from .bus.commit import disk_apply
+
         await self.pause(pause_mode)
         errors: Dict[str, str] = {}
+        apply = disk_apply(model_path, weight_version, pause_mode=pause_mode)
         try:
-            res = await self._each("update_weights_from_disk", model_path, weight_version=str(weight_version))
-            errors.update({u: str(r) for u, r in res.items() if isinstance(r, BaseException)})
+            live = [e for e in self._engines if e.alive]
+            res = await asyncio.gather(*(apply(e.client) for e in live), return_exceptions=True)
+            errors.update({e.client.url: str(r) for e, r in zip(live, res) if isinstance(r, BaseException)})
             versions = await self._each("weight_version")
             for url, v in versions.items():
                 if url not in errors and v != str(weight_version):
@@ -300,7 +334,7 @@ class Fleet:
                 for url, msg in errors.items():
                     self.drop(url, f"weight update to {weight_version} failed: {msg}", keep_paused=False)
         finally:
-            await self.resume()
+            await self.resume(flush=True)
         if errors:
             raise WeightUpdateError(weight_version, errors)
         logger.info("fleet: %d engine(s) at weight version %s", len(self.live_urls), weight_version)

@@ -339,7 +339,16 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """The run itself."""
 
+    def _validate_bus_engines(self) -> None:
+        r = self.rollout
+        if self.bus.backend == "nccl" and r.engine == "sglang" and r.sglang.dp_size > 1:
+            # SGLang 0.5.23 TokenizerManager.init_weights_update_group asserts dp_size == 1
+            raise ValueError(f"bus.backend = nccl needs rollout.sglang.dp_size = 1 (got {r.sglang.dp_size}): SGLang "
+                             f"refuses update_weights_from_distributed with data-parallel replicas; use more engines "
+                             f"(rollout.num_engines) instead of dp_size, or bus.backend = disk")
+
     def validate(self) -> None:
+        self._validate_bus_engines()
         m, p = self.model, self.parallel
         if p.sequence_parallel and p.tp == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp > 1 (got tp = 1)")
