@@ -76,10 +76,15 @@ def train(cfg) -> Dict[str, float]:
                 local.old_logp = t.actor.compute_logprobs(local)
             if t.ref_actor is not None:
                 local.ref_logp = t.ref_actor.compute_logprobs(local)
+            if cfg.logging.mismatch_metrics:  # mismatch/*: unperturbed pi_old vs mu, never ALP's noise
+                local.base_logp = local.old_logp if cfg.algorithm.recompute_old_logp else t.actor.compute_logprobs(local)
             # 3. mini-batch updates: staleness grows with each one.
             per_update: List[Dict] = []
+            record: List[Dict] = []
             for k, mb in enumerate(mini_batches(local, cfg.run.mini_batches_per_step)):
-                per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k))
+                per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k, record=record))
+            step_level = t.actor.step_metrics(record)
+            del record
             skipped = any(m.get("train/skipped_step", 0) > 0 for m in per_update)
             nonfinite = nonfinite + 1 if skipped else 0
             train_s = time.perf_counter() - t_train
@@ -88,7 +93,7 @@ def train(cfg) -> Dict[str, float]:
             version = step + 1
             sync_metrics = sync.publish_and_commit(version)
             # 5. metrics: the last pipeline stage's reduced metrics and every stage's sigma to rank 0.
-            metrics = merge_step_metrics(per_update, src_rank=_metrics_rank(ps))
+            metrics = merge_step_metrics(per_update, step_level, src_rank=_metrics_rank(ps))
             metrics.update(sigma_metrics(t.model, t.ddp))
             if rank == 0:
                 metrics.update(rollout_metrics)

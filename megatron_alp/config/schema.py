@@ -273,6 +273,10 @@ class LoggingConfig:
     """Terminal line every N steps."""
     histograms: bool = True
     """Log-ratio and sigma histograms."""
+    mismatch_metrics: bool = True
+    """Log mismatch/* (unperturbed pi_theta_old vs the rollout policy mu at the start of each step).
+    Where the objective does not recompute pi_old this costs one extra no-grad forward per step;
+    false skips it and logs nothing under mismatch/."""
 
 
 @dataclass

@@ -56,6 +56,9 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
         logger.warning("algorithm.kl_coef > 0 with a randomly initialised model: the reference is that init")
     if not cfg.model.hf_path and not r.model_path and not r.urls:
         raise ValueError("model.hf_path (HF checkpoint with tokenizer) is needed to start the rollout engines")
+    from ..convert.model_check import check_model_matches_checkpoint
+
+    check_model_matches_checkpoint(cfg.model, cfg.checkpoint.load)  # trainer = checkpoint = engine model
     _check_output_dirs(cfg)
     return cfg
 
@@ -101,7 +104,9 @@ def load_initial_weights(cfg: Config, model) -> None:
         logger.warning("checkpoint.load is not set: the policy starts from a random init")
         return
     from ..convert import load_megatron_checkpoint
+    from ..convert.model_check import check_model_matches_checkpoint
 
+    check_model_matches_checkpoint(cfg.model, cfg.checkpoint.load)
     load_megatron_checkpoint(model, cfg.checkpoint.load)
 
 
