@@ -80,8 +80,11 @@ class RolloutDriver:
                 stale.append(version - int(s.weight_version))
             except (TypeError, ValueError):
                 pass
+        from rollout.tool_metrics import tool_metrics
+
         groups = rewards.view(-1, self.cfg.rollout.n_samples)
         return {
+            **tool_metrics(samples, self.cfg.rollout.multi_turn.enabled),
             "rollout/reward_mean": rewards.mean().item(),
             "rollout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "rollout/reward_hist": rewards.tolist(),
@@ -105,4 +108,5 @@ class RolloutDriver:
             run_sync(self.fleet.close(), timeout=30)
         except Exception:  # noqa: BLE001 - shutting down anyway
             logger.exception("closing the fleet failed")
+        self.generator.close()
         self.engines.stop()

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 TERMINAL_KEYS = (
     ("reward", "rollout/reward_mean", "{:.3f}"),
+    ("tools", "rollout/tool_calls_mean", "{:.2f}"),
     ("kl_k3", "mismatch/k3", "{:.2e}"),
     ("ratio_p99.9", "ratio/token_p99.9", "{:.3f}"),
     ("loss", "train/loss", "{:.4f}"),

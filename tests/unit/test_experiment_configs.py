@@ -119,8 +119,11 @@ def test_alp_multi_turn_reference_hparams(preset):
     assert cfg.model.hf_path == "Qwen/Qwen2.5-7B" and cfg.model.hidden_size == 3584
     assert (run.prompts_per_step, r.n_samples, run.prompts_per_step // run.mini_batches_per_step) == (128, 16, 32)
     assert cfg.optimizer.lr == pytest.approx(1e-6) and cfg.optimizer.clip_grad == 1.0
-    assert mt.enabled and mt.max_turns == 5 and mt.max_response_len == 8192
-    assert r.data.max_prompt_len == 16384 and a.kl_coef == 0.0
+    # reference train_perturb.sh: 8000 per turn, 16000 per response, first prompt 4096, obs 256
+    assert mt.enabled and mt.max_turns == 5 and mt.max_response_len == 16000 and r.max_new_tokens == 8000
+    assert r.data.max_prompt_len == 4096 and mt.observation_max_tokens == 256 and a.kl_coef == 0.0
+    assert r.data.label_key == "reward_model.ground_truth" and r.data.instruction == "simpletir"
+    assert 151645 in r.stop_token_ids  # <|im_end|>: Qwen2.5 base declares only <|endoftext|>
     assert a.objective == OBJECTIVES[preset] and cfg.alp.enabled == preset.endswith("_alp")
     assert a.dual_clip == (100.0 if preset == "gspo" else 3.0)
     if cfg.alp.enabled:
