@@ -153,9 +153,10 @@ def end_of_turn(cfg) -> Optional[Tuple[str, int]]:
     from rollout.chat import end_of_turn_token
 
     tok = _local_tokenizer(cfg)
-    if tok is not None:
-        name = end_of_turn_token(tok)
-        return None if name is None else (name, tok.convert_tokens_to_ids(name))
+    name = end_of_turn_token(tok) if tok is not None else None
+    if name is not None:
+        return name, tok.convert_tokens_to_ids(name)
+    # no local tokenizer, or one without a chat template (a model directory with only config.json)
     if cfg.model.vocab_size >= 100000:  # a real model of a known family (tiny test models have a tokenizer)
         return END_OF_TURN_IDS.get(cfg.model.family)
     return None

@@ -55,8 +55,27 @@ def paths(tmp_path):
             f"bus.dir={shared}/bus"]
 
 
+def _write_hf_config(cfg_file, overrides) -> None:
+    """The model directory's config.json, built from the job's model section: the trainer refuses
+    a model section that differs from it (convert/model_check.py)."""
+    import json
+
+    import torch
+
+    from megatron_alp.convert.hf_config import hf_config_for_export
+
+    hf = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.hf_path=")), None)
+    if hf and os.path.isdir(hf):
+        model = load_config(cfg_file, [o for o in overrides if o.startswith("model.")]).model
+        config = hf_config_for_export(model, torch.bfloat16)
+        config.pop("eos_token_id", None)  # as a base model's: the stop set must carry the end-of-turn token
+        with open(os.path.join(hf, "config.json"), "w") as f:
+            json.dump(config, f)
+
+
 def _spec(name: str, overrides=(), **kw) -> JobSpec:
     cfg, nodes, trainers, *_ = JOBS[name]
+    _write_hf_config(EXP / cfg, overrides)
     base = dict(nodes=[f"gpu{i:02d}" for i in range(nodes)], gpus_per_node=8, trainer_nodes=trainers, job_id=1234)
     base.update(kw)
     return JobSpec(str(EXP / cfg), list(overrides), **base)
