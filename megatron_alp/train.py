@@ -17,6 +17,7 @@ from typing import Dict, List
 
 import torch.distributed as dist
 
+from .runtime.distributed import handover_group
 from .sync.weight_sync import WeightSync
 from .trainer.batching import dp_shard, mini_batches
 from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -41,6 +42,7 @@ def train(cfg) -> Dict[str, float]:
     driver = None
     sync = WeightSync(cfg, t, rank)
     stop = StopFlag()
+    handover = handover_group(cfg.run.rollout_timeout_minutes)  # the batch's own long timeout
     last: Dict[str, float] = {}
     try:
         engine_path = sync.initial(version, resumed=bool(resume))  # the engines start on these weights
@@ -57,7 +59,7 @@ def train(cfg) -> Dict[str, float]:
             t0 = time.perf_counter()
             # 1. rollout on the driver, the batch to every rank.
             payload = [driver.rollout(step, version) if rank == 0 else None]
-            dist.broadcast_object_list(payload, src=0)
+            dist.broadcast_object_list(payload, src=0, group=handover)
             batch, rollout_metrics = payload[0]
             local = dp_shard(batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
             t_train = time.perf_counter()

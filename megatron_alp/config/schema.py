@@ -88,6 +88,13 @@ class ParallelConfig:
     """Activation recomputation."""
     recompute_num_layers: int = 1
     """Layers per recompute chunk (full recompute, uniform method)."""
+    pg_timeout_minutes: float = 60.0
+    """Timeout of the trainer's collectives (default group and Megatron's groups): a rank stuck longer
+    than this ends the job. Waits on rank 0's rollout use run.rollout_timeout_minutes instead."""
+
+    def validate(self) -> None:
+        if self.pg_timeout_minutes <= 0:
+            raise ValueError(f"parallel.pg_timeout_minutes must be > 0, got {self.pg_timeout_minutes}")
 
 
 @dataclass
@@ -246,6 +253,13 @@ class RunConfig:
     """Sequences per micro-batch."""
     max_nonfinite_steps: int = 3
     """Consecutive non-finite losses after which the run stops."""
+    rollout_timeout_minutes: float = 180.0
+    """How long the other ranks wait for rank 0's rollout (a gloo group of its own): long-CoT and
+    multi-turn rollouts take longer than parallel.pg_timeout_minutes (slime's scripts: 60-120 min)."""
+
+    def validate(self) -> None:
+        if self.rollout_timeout_minutes <= 0:
+            raise ValueError(f"run.rollout_timeout_minutes must be > 0, got {self.rollout_timeout_minutes}")
 
     @property
     def output_dir(self) -> str:
