@@ -13,6 +13,7 @@
 #SBATCH --cpus-per-task=2
 #SBATCH --time=00:20:00
 #SBATCH --signal=B:TERM@60
+#SBATCH --requeue
 #SBATCH --output=%x-%j.out
 
 # shellcheck source-path=SCRIPTDIR disable=SC2034  # the variables below are read by lib/common.sh

@@ -25,19 +25,21 @@ def hostnames(nodelist: str) -> List[str]:
 
 
 def srun_command(name: str, nodes: Sequence[str], cmd: Sequence[str], *, gres: Optional[str] = None,
-                 extra: str = "") -> List[str]:
+                 extra: str = "", kill_on_bad_exit: bool = True) -> List[str]:
     """``srun`` of ``cmd`` with one task on each of ``nodes``.
 
     --overlap          steps may share a node's CPUs, memory and GPUs (the router beside the engines;
                        one-node jobs, where node.py gives each side its own GPUs);
-    --kill-on-bad-exit a task failing on one node ends the whole step at once (fail fast);
+    --kill-on-bad-exit a task failing on one node ends the whole step at once (fail fast); off for
+                       the engines with bus.on_engine_failure = drop (one node's engines failing must
+                       not take the other nodes' down; the step ends when every node's agent has);
     --cpu-bind=none    the single task per node (torchrun, the engine agent) is not pinned to one
                        core: its children (one trainer process per GPU, the servers) need them all;
     --label            output lines carry the task (node) number;
     --gres             ``none`` for the CPU-only router (every other step gets the job's GPUs);
     extra              ALP_SRUN_ARGS, e.g. container options (pyxis: --container-image=...).
     """
-    cmd_line = ["srun", "--overlap", "--kill-on-bad-exit=1", "--cpu-bind=none", "--label",
+    cmd_line = ["srun", "--overlap", f"--kill-on-bad-exit={int(kill_on_bad_exit)}", "--cpu-bind=none", "--label",
                 f"--job-name=alp-{name}", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}",
                 "--ntasks-per-node=1", f"--nodelist={','.join(nodes)}"]
     if gres:

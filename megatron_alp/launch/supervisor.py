@@ -12,13 +12,17 @@
    exits; then the SGLang router if configured.
 4. Start the trainer with one srun step over the trainer nodes (node.py trainer: torchrun).
 5. Watch: the first component to exit decides. The trainer finishing ends the job 0; the trainer
-   failing, or the engines exiting, ends it with a message naming the component and its exit code;
-   the others are stopped by their step ids (scancel --signal=TERM, then scancel).
+   failing, or the engines step exiting (with ``bus.on_engine_failure = drop``: every engine gone;
+   with ``stop``: any), ends it with a message naming the component and its exit code; the others
+   are stopped by their step ids (engines: ``scancel --signal=INT``; trainer: TERM; then scancel).
 6. SIGTERM/SIGINT to this process (``#SBATCH --signal=B:TERM@900`` before the time limit, or a
    preemption) is forwarded to the trainer step only, as SIGUSR2 (node.py turns it into SIGTERM for
    the trainer processes, sparing torchrun); the trainer checkpoints at its next step boundary and
-   exits (the engines stay up until then: the step needs them); the job then exits 143, or
-   requeues itself with ALP_REQUEUE=1. The next job resumes from ``latest``.
+   exits. A job-wide SIGTERM (preemption with GraceTime, ``scancel --full``, a drain) reaches every
+   step too: torchrun ignores it and the trainer processes checkpoint; the engine agents ignore it
+   and keep their servers up. From then on only the trainer's exit counts (an engine stopping is not
+   a failure); the engines are stopped after it. The job exits 143, or requeues itself with
+   ALP_REQUEUE=1 (the scripts carry ``#SBATCH --requeue``). The next job resumes from ``latest``.
 
 The engine-side model on a resumed run is the bus version of the trainer's latest checkpoint (when
 the disk bus still has it), so that attached engines and the resumed trainer agree from the first
@@ -60,6 +64,7 @@ class Step:
         logger.info("starting %s: %s", name, " ".join(cmd))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self._step: Optional[str] = None
+        self.ended = False
 
     def poll(self) -> Optional[int]:
         return self.proc.poll()
@@ -73,12 +78,12 @@ class Step:
         step = self.step_id()
         return bool(step) and srun.signal_step(step, sig)
 
-    def stop(self, grace_s: float) -> None:
-        """TERM the step, cancel it after ``grace_s``, and as a last resort end our srun client."""
+    def stop(self, grace_s: float, sig: str = "TERM") -> None:
+        """``sig`` to the step, cancel it after ``grace_s``, and as a last resort end our srun client."""
         if self.poll() is not None:
             return
         logger.info("stopping the %s (step %s)", self.name, self.step_id())
-        self.signal("TERM")
+        self.signal(sig)
         if self._wait(grace_s):
             return
         step = self.step_id()
@@ -120,7 +125,8 @@ class Supervisor:
                 rollout["sglang"] = {"router": False, "router_url": router_url}
             job_yaml["rollout"] = rollout
         t = self.c.plan
-        plan = {"engines": engines, "engine_gpus": t.gpu_slice("engines"), "trainer": {
+        plan = {"engines": engines, "engine_gpus": t.gpu_slice("engines"),
+                "on_engine_failure": self.c.cfg.bus.on_engine_failure, "trainer": {
             "nodes": t.trainer_nodes, "procs_per_node": t.procs_per_node, "master_addr": t.master_addr,
             "master_port": t.master_port, "gpus": t.gpu_slice("trainer"),
             "args": ["--config", os.path.join(self.job_dir, "job.yaml"), *self.args.overrides]}}
@@ -166,13 +172,15 @@ class Supervisor:
             return TERM_EXIT if self.term_at is not None else 1
         finally:
             for name in ("trainer", "router", "engines"):
-                if name in self.steps:
-                    self.steps[name].stop(30.0)  # a trainer still running here is failing or stuck
+                if name in self.steps:  # a trainer still running here is failing or stuck
+                    self.steps[name].stop(30.0, sig="INT" if name == "engines" else "TERM")
             logger.info("all components stopped; job folder: %s", self.job_dir)
 
     def _start(self, name: str, nodes: List[str], cmd: List[str], gres: Optional[str]) -> None:
-        self.steps[name] = Step(name, srun.srun_command(name, nodes, cmd, gres=gres, extra=self.args.srun_args),
-                                self.job_id)
+        # bus.on_engine_failure = drop: a node's engines failing must not end the other nodes' (node.py).
+        kill = name != "engines" or self.c.cfg.bus.on_engine_failure == "stop"
+        self.steps[name] = Step(name, srun.srun_command(name, nodes, cmd, gres=gres, extra=self.args.srun_args,
+                                                        kill_on_bad_exit=kill), self.job_id)
 
     def _wait_healthy(self, name: str, urls: List[str]) -> None:
         step = self.steps.get(name)  # None: engines we attach to (not ours to start)
@@ -207,14 +215,17 @@ class Supervisor:
             if rc is None and forwarded and time.monotonic() - self.term_at > self.args.stop_grace_s:
                 raise Failure(f"the trainer did not stop within {self.args.stop_grace_s:.0f} s of SIGTERM")
             if rc is not None:
-                if forwarded:
+                if forwarded or rc == TERM_EXIT:  # TERM_EXIT: a step-wide SIGTERM (preemption) stopped it
                     return self._after_term(rc)
                 if rc == 0:
                     logger.info("trainer finished (exit 0)")
                     return 0
                 raise Failure(f"the trainer exited with code {rc} (its traceback is above)")
-            for s in others:
-                if s.poll() is not None:
+            for s in others if self.term_at is None else []:  # after SIGTERM only the trainer decides
+                if s.poll() == 0 and not s.ended:  # its agents exit 0 only after a step-wide SIGTERM
+                    s.ended = True
+                    logger.warning("the %s step ended after a SIGTERM; waiting for the trainer", s.name)
+                elif s.poll() is not None and s.poll() != 0:
                     raise Failure(f"the {s.name} step exited with code {s.poll()} while the trainer was running "
                                   f"(its messages are above; logs in {self.job_dir}); stopping the trainer")
             time.sleep(1.0)

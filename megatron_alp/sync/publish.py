@@ -8,9 +8,10 @@
 
 disk: rank 0 stages a temporary version directory and broadcasts its path; each pipeline stage's
 exporting TP-rank-0 streams its own layers into ``model-pp<stage>-NNNNN.safetensors`` shards there
-(one bucket in memory at a time) plus a part manifest; after every rank reported (an
-all-gather of errors), rank 0 merges the parts, writes index/config.json/tokenizer/manifest,
-optionally re-verifies every checksum, and renames the directory into place (atomic). The engines
+(a full bucket is written on a writer thread while the next one is gathered) plus a part manifest,
+then (``bus.verify``) re-reads and checks its own shards, every stage in parallel; after every
+rank reported (an all-gather of errors), rank 0 merges the parts, requiring each stage's by name,
+writes index/config.json/tokenizer/manifest, and renames the directory into place (atomic). The engines
 load it in ``commit``. A failure anywhere aborts the staged directory on every rank.
 
 nccl / tensor: rank 0 pauses the fleet and opens a weight-update session on each engine, then
@@ -30,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from rollout.bus.disk import DiskBus, hash_pool, version_dirname
+from rollout.bus.disk import DiskBus, hash_pool, verify_part, version_dirname
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
 
@@ -99,6 +100,7 @@ class Publisher:
         self._sender = None
         self._sender_key: Optional[Tuple] = None
         self._generation = 0
+        self._cleaned = False
 
     # -- helpers -------------------------------------------------------------------------------
     def engine_model_path(self, version: int) -> str:
@@ -123,6 +125,13 @@ class Publisher:
         if self.precision == "fp8":
             return quantize_named(named, other_dtype=self.dtype)
         return ((n, t.to(self.dtype)) for n, t in named)
+
+    @staticmethod
+    def _stage_parts() -> List[str]:
+        """The part every pipeline stage's writer leaves (finalize requires each by name)."""
+        from megatron.core import parallel_state as ps
+
+        return [f"pp{s}" for s in range(ps.get_pipeline_model_parallel_world_size())]
 
     @staticmethod
     def _stage() -> int:
@@ -151,6 +160,9 @@ class Publisher:
         head: Tuple[str, str] = ("error", "")
         if dist.get_rank() == 0:
             try:
+                if not self._cleaned:  # a publication that crashed in an earlier run
+                    self.disk.remove_stale()
+                    self._cleaned = True
                 if rewind:
                     self.disk.rewind(version)
                 head = ("ok", self.disk.stage(version))
@@ -168,7 +180,9 @@ class Publisher:
                     for name, t in tensors:
                         writer.add(name, t)
                         nbytes += t.numel() * t.element_size()
-                    writer.close()
+                    entries, _ = writer.close()
+                    if self.cfg.verify:  # each stage re-reads its own shards, all stages at once
+                        verify_part(staged, entries, self.disk.checksum, pool)
             else:
                 for _ in tensors:  # take part in the TP gathers
                     pass
@@ -184,7 +198,7 @@ class Publisher:
                     manifest = self.disk.finalize(staged, version, config=self.hf_config(),
                                                   tokenizer_dir=self.tokenizer_dir, precision=self.precision,
                                                   quantization=QUANTIZATION_CONFIG if self.precision == "fp8" else None,
-                                                  verify_first=self.cfg.verify)
+                                                  parts=self._stage_parts())
             except Exception as e:
                 errors.append(f"rank 0 finalize: {type(e).__name__}: {e}")
             if errors:
