@@ -201,7 +201,9 @@ class BusConfig:
     fsync: bool = False
     """fsync shards and directories before the atomic rename (host-crash durability; checksums catch torn files anyway)."""
     master_address: Optional[str] = None
-    """Address the engines reach the trainer's broadcast groups at (nccl backend); None = this host's name."""
+    """Address the engines reach the trainer's broadcast groups at (nccl backend), the same for every
+    stage: only for senders on one node. None (default) = each sender's node address: its interface
+    named by NCCL_SOCKET_IFNAME (GLOO_SOCKET_IFNAME on CPU), else its route to the first engine."""
     timeout_s: float = 600.0
     """Timeout of forming a broadcast group and of one broadcast (nccl backend)."""
 

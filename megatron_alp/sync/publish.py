@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
+from rollout.bus.address import node_address
 from rollout.bus.disk import DiskBus, hash_pool, verify_part, version_dirname
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
@@ -279,7 +280,9 @@ class Publisher:
             sender = TensorSender(clients, ranks)
         else:
             self._generation += 1
-            address = self.cfg.master_address or socket.gethostbyname(socket.gethostname())
+            # Per node: each stage's sender may run on another node (rollout/bus/address.py).
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            address = self.cfg.master_address or node_address(urls, backend)
             sender = DistributedSender(clients, group_name=f"megatron-alp-pp{self._stage()}-g{self._generation}",
                                        engine_ranks=ranks, master_address=address, timeout_s=self.cfg.timeout_s)
         sender.connect()
