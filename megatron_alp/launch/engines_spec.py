@@ -31,10 +31,14 @@ def engine_start_path(cfg) -> Tuple[str, int]:
     the weights the resumed trainer has (it republishes that version, but does not push it to
     attached engines). If the bus no longer holds it, the HF weights, with a warning.
     """
-    from rollout.bus.disk import version_dirname
+    from rollout.bus.versions import version_dirname
 
-    from ..trainer.checkpoint import latest_checkpoint
+    from .checks import torch_here
 
+    if torch_here():
+        from ..trainer.checkpoint import latest_checkpoint
+    else:  # a container job's batch host: the same `latest` pointer, read without torch
+        latest_checkpoint = _latest_pointer
     base = cfg.rollout.model_path or cfg.model.hf_path
     latest = latest_checkpoint(cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
     if not latest:
@@ -70,6 +74,16 @@ def write_key_file(log_dir: str, api_key: str) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(api_key)
     return path
+
+
+def _latest_pointer(root: Optional[str]) -> Optional[str]:
+    """trainer.checkpoint.latest_checkpoint's reading of ``<root>/latest``, without importing torch."""
+    ptr = os.path.join(root or "", "latest")
+    if not root or not os.path.isfile(ptr):
+        return None
+    with open(ptr) as f:
+        path = os.path.join(root, f.read().strip())
+    return path if os.path.isdir(path) else None
 
 
 def build_engine_spec(cfg, plan, model_path: str, version: int, api_key: Optional[str],

@@ -10,10 +10,11 @@ gave them inside our own job, never by searching processes.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import subprocess
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,23 @@ def srun_command(name: str, nodes: Sequence[str], cmd: Sequence[str], *, gres: O
         cmd_line.append(f"--gres={gres}")
     cmd_line += shlex.split(extra)
     return cmd_line + list(cmd)
+
+
+ROLES = ("trainer", "engine")
+
+
+def step_launcher(role: str, environ=os.environ) -> Tuple[str, List[str]]:
+    """(extra srun options, command prefix) of a ``role`` step (``trainer`` or ``engine``; the router
+    counts as an engine step): the job-wide ``ALP_SRUN_ARGS`` / ``ALP_STEP_PREFIX``, then the role's
+    own ``ALP_TRAINER_SRUN_ARGS`` / ``ALP_TRAINER_PREFIX`` or ``ALP_ENGINE_SRUN_ARGS`` /
+    ``ALP_ENGINE_PREFIX``. pyxis takes ``--container-image=...`` as srun options (one image for the
+    trainer, SGLang's for the engines); apptainer is a prefix (``apptainer exec --nv IMAGE.sif``)."""
+    if role not in ROLES:
+        raise ValueError(f"step role must be one of {ROLES}, got {role!r}")
+    up = role.upper()
+    extra = " ".join(x for x in (environ.get("ALP_SRUN_ARGS", ""), environ.get(f"ALP_{up}_SRUN_ARGS", "")) if x)
+    prefix = shlex.split(environ.get("ALP_STEP_PREFIX", "")) + shlex.split(environ.get(f"ALP_{up}_PREFIX", ""))
+    return extra, prefix
 
 
 def find_step(job_id: str, name: str, timeout_s: float = 20.0) -> Optional[str]:

@@ -147,17 +147,18 @@ class Supervisor:
             if cfg.rollout.sglang.router and cfg.rollout.engine == "sglang" and p.mode != "attached":
                 router_url = f"http://{p.engine_host(p.rollout_nodes[0])}:{cfg.rollout.sglang.router_port}"
             model_path, version = engine_start_path(cfg)
-            python = self.args.step_python
-            engines = build_engine_spec(cfg, p, model_path, version, self.api_key, self.job_dir, python)
+            python, engine_python = self.args.step_python, self.args.engine_python or self.args.step_python
+            engines = build_engine_spec(cfg, p, model_path, version, self.api_key, self.job_dir, engine_python)
             plan_path = self.write_files(engines, router_url)
             if p.mode != "attached":
                 self._start("engines", p.rollout_nodes,
-                            [python, "-m", "megatron_alp.launch.node", "engines", plan_path], None)
+                            [engine_python, "-m", "megatron_alp.launch.node", "engines", plan_path], None)
                 self._wait_healthy("engines", p.engine_urls)
                 if router_url:
                     from rollout.engines.sglang import router_command
 
                     cmd = router_command(cfg.rollout, p.engine_urls, host=p.engine_bind)
+                    cmd[0] = engine_python if cmd[0] == sys.executable else cmd[0]
                     self._start("router", p.rollout_nodes[:1], cmd, "none" if p.gpus_per_node else None)
                     self._wait_healthy("router", [router_url])
             else:
@@ -179,7 +180,8 @@ class Supervisor:
     def _start(self, name: str, nodes: List[str], cmd: List[str], gres: Optional[str]) -> None:
         # bus.on_engine_failure = drop: a node's engines failing must not end the other nodes' (node.py).
         kill = name != "engines" or self.c.cfg.bus.on_engine_failure == "stop"
-        self.steps[name] = Step(name, srun.srun_command(name, nodes, cmd, gres=gres, extra=self.args.srun_args,
+        extra, prefix = srun.step_launcher("trainer" if name == "trainer" else "engine")
+        self.steps[name] = Step(name, srun.srun_command(name, nodes, prefix + cmd, gres=gres, extra=extra,
                                                         kill_on_bad_exit=kill), self.job_id)
 
     def _wait_healthy(self, name: str, urls: List[str]) -> None:
@@ -263,9 +265,11 @@ def main(argv=None) -> int:
     add_job_args(p)
     p.add_argument("--stop-grace-s", type=float, default=float(os.environ.get("ALP_STOP_GRACE_S", 600)),
                    help="how long the trainer may take to checkpoint after SIGTERM before its step is cancelled")
-    p.add_argument("--srun-args", default=os.environ.get("ALP_SRUN_ARGS", ""), help="extra srun options")
     p.add_argument("--step-python", default=os.environ.get("ALP_STEP_PYTHON") or sys.executable,
-                   help="Python of the srun steps (default: this one; a container's may differ)")
+                   help="Python of the trainer step (default: this one; a container's may differ)")
+    p.add_argument("--engine-python", default=os.environ.get("ALP_ENGINE_PYTHON"),
+                   help="Python of the engine step and of SGLang unless rollout.sglang.python is set "
+                        "(default: the trainer step's)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [alp-launch] %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its import-time notes are not ours

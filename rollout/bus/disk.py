@@ -47,6 +47,7 @@ from .manifest import (
     write_json_atomic,
 )
 from .shards import ShardWriter
+from .versions import version_dirname
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
-
-
-def version_dirname(version: int) -> str:
-    if int(version) < 0:
-        raise VersionError(f"versions are non-negative integers, got {version}")
-    return f"v{int(version):08d}"
 
 
 def _fsync_dir(path: str) -> None:
