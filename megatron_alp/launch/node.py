@@ -55,12 +55,15 @@ def gpu_env(gpu_slice: Optional[List[int]]) -> Dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(devices[first:first + count])}
 
 
-SHIELD = ["bash", "-c", 'trap "" TERM; exec "$@"', "alp-engine"]
-"""Prefix of every server command: the server starts with SIGTERM ignored (bash's ``trap ""`` sets
-SIG_IGN, which survives ``exec``), so a job-wide SIGTERM (preemption, ``scancel`` of the job: SLURM
-signals every process of every step) leaves it serving while the trainer finishes its step and
-checkpoints. A server that installs its own SIGTERM handler (SGLang's uvicorn does) still stops on
-it. The agent stops its servers with SIGINT, then SIGTERM/SIGKILL (processes.py)."""
+def shielded(cmd: List[str]) -> List[str]:
+    """The server command run with SIGTERM ignored for good (:mod:`.shield`): ``python -m X ...``
+    through the shield module, anything else with bash's ``trap "" TERM`` (SIG_IGN survives exec;
+    enough for servers that do not install their own SIGTERM handler). A job-wide SIGTERM then leaves
+    the servers serving while the trainer finishes its step and checkpoints; the agent stops them with
+    SIGINT, then SIGTERM/SIGKILL (processes.py)."""
+    if len(cmd) > 2 and cmd[1] == "-m":
+        return [cmd[0], "-m", "megatron_alp.launch.shield", *cmd[1:]]
+    return ["bash", "-c", 'trap "" TERM; exec "$@"', "alp-engine", *cmd]
 
 
 def _stop_servers(servers, grace_s: float = 10.0) -> None:
@@ -76,7 +79,7 @@ def _stop_servers(servers, grace_s: float = 10.0) -> None:
     while time.monotonic() < deadline and any(s.proc and s.proc.poll() is None for s in servers):
         time.sleep(0.2)
     for s in servers:
-        s.stop(grace_s=5.0)  # SIGTERM (ignored by the shielded ones), then SIGKILL
+        s.stop(grace_s=5.0)  # SIGTERM (ignored by shielded servers), then SIGKILL
 
 
 class _EngineWatch:
@@ -129,7 +132,7 @@ def run_engines(spec: dict) -> int:
     stop, term = threading.Event(), threading.Event()
     gpus = gpu_env(spec.get("engine_gpus"))
     servers: List[ServerProcess] = [
-        ServerProcess(SHIELD + list(e["cmd"]), e["url"], e["log"], env={**(e.get("env") or {}), **gpus},
+        ServerProcess(shielded(list(e["cmd"])), e["url"], e["log"], env={**(e.get("env") or {}), **gpus},
                       name=e["name"], api_key=e.get("api_key"))
         for e in entries]
     watch = _EngineWatch(servers, spec.get("on_engine_failure", "stop"))
@@ -198,8 +201,11 @@ def run_trainer(spec: dict) -> int:
     argv = trainer_argv(spec, this_node())
     logger.info("%s: %s", this_node(), " ".join(argv[1:]))
     preempt, stopped = threading.Event(), threading.Event()
-    env = {**os.environ, **gpu_env(spec["trainer"].get("gpus")),
-           "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+    # torchrun's --signals-to-handle (PET_SIGNALS_TO_HANDLE; it sets TORCHELASTIC_SIGNALS_TO_HANDLE for
+    # PContext, which older versions read directly) without SIGTERM.
+    keep = "SIGINT,SIGHUP,SIGQUIT"
+    env = {**os.environ, **gpu_env(spec["trainer"].get("gpus")), "PET_SIGNALS_TO_HANDLE": keep,
+           "TORCHELASTIC_SIGNALS_TO_HANDLE": keep}
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # inherited by torchrun and its workers
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     proc = subprocess.Popen(argv, env=env)

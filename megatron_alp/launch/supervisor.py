@@ -44,6 +44,8 @@ import time
 import warnings
 from typing import Dict, List, Optional
 
+from rollout.bus.versions import version_dirname
+
 from . import srun
 from .engines_spec import build_engine_spec, engine_start_path, wait_healthy
 from .plan import Checked, JobSpec, add_job_args, check_job, render
@@ -148,6 +150,15 @@ class Supervisor:
                 router_url = f"http://{p.engine_host(p.rollout_nodes[0])}:{cfg.rollout.sglang.router_port}"
             model_path, version = engine_start_path(cfg)
             python, engine_python = self.args.step_python, self.args.engine_python or self.args.step_python
+            if cfg.precision.train == "fp8":  # Transformer Engine and the recipe, on every trainer node
+                self._run_step("te-check", p.trainer_nodes,
+                               [python, "-m", "megatron_alp.launch.te_check", cfg.precision.fp8_recipe])
+            if version == 0 and p.mode != "attached" and cfg.rollout.precision == "fp8":
+                # FP8 engines start on a block-FP8 checkpoint: version 0, written before they start.
+                self._run_step("v0", p.trainer_nodes[:1], [python, "-m", "megatron_alp.sync.v0", "--config",
+                                                           self.args.config, *self.args.overrides])
+                model_path = os.path.abspath(os.path.join(cfg.bus.dir, version_dirname(0)))
+                logger.info("engines start on bus version 0 (%s)", model_path)
             engines = build_engine_spec(cfg, p, model_path, version, self.api_key, self.job_dir, engine_python)
             plan_path = self.write_files(engines, router_url)
             if p.mode != "attached":
@@ -176,6 +187,18 @@ class Supervisor:
                 if name in self.steps:  # a trainer still running here is failing or stuck
                     self.steps[name].stop(30.0, sig="INT" if name == "engines" else "TERM")
             logger.info("all components stopped; job folder: %s", self.job_dir)
+
+    def _run_step(self, name: str, nodes: List[str], cmd: List[str]) -> None:
+        """A preparatory step (trainer launcher, one task per node): wait for it; fail unless it exits 0."""
+        self._start(name, nodes, cmd, None)
+        step = self.steps.pop(name)
+        while step.poll() is None:
+            if self.term_at is not None:
+                step.stop(30.0)
+                raise Failure(f"stopped by a signal during the {name} step")
+            time.sleep(1.0)
+        if step.poll() != 0:
+            raise Failure(f"the {name} step exited with code {step.poll()} (its messages are above)")
 
     def _start(self, name: str, nodes: List[str], cmd: List[str], gres: Optional[str]) -> None:
         # bus.on_engine_failure = drop: a node's engines failing must not end the other nodes' (node.py).

@@ -66,6 +66,19 @@ class Published:
                 "bus/publish_GBps": self.bytes / max(self.seconds, 1e-9) / 1e9}
 
 
+def export_config(model, precision: str, hf_dir: Optional[str] = None) -> Dict[str, Any]:
+    """config.json of a published version: the source checkpoint's (``hf_dir``, default
+    ``model.hf_path``; else one built from the model section) with the export dtype and, for FP8,
+    the block-FP8 ``quantization_config`` (the trainer's versions and version 0 of sync/v0.py)."""
+    src = hf_dir or model.hf_path
+    source = read_hf_config(src) if src and os.path.isfile(os.path.join(src, "config.json")) else None
+    cfg = hf_config_for_export(model, EXPORT_DTYPES[precision], source)
+    cfg.pop("quantization_config", None)
+    if precision == "fp8":
+        cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    return cfg
+
+
 def _bcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -112,14 +125,8 @@ class Publisher:
         """config.json of a published version: the source's (or one built from the model section),
         with the export dtype and, for FP8, the block-FP8 ``quantization_config``."""
         if self._hf_config is None:
-            src = self.model.hf_path
-            source = read_hf_config(src) if src and os.path.isfile(os.path.join(src, "config.json")) else None
-            self._hf_config = hf_config_for_export(self.model, self.dtype, source)
-        cfg = dict(self._hf_config)
-        cfg.pop("quantization_config", None)
-        if self.precision == "fp8":
-            cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
-        return cfg
+            self._hf_config = export_config(self.model, self.precision)
+        return dict(self._hf_config)
 
     def _tensors(self, model_chunks):
         named = iter_hf_tensors(model_chunks, self.weight_map, self.model.vocab_size)
@@ -139,6 +146,26 @@ class Publisher:
         from megatron.core import parallel_state as ps
 
         return ps.get_pipeline_model_parallel_rank()
+
+    def prepublished_v0(self) -> Optional[Published]:
+        """Collective: version 0 as written before the engines started (:mod:`.v0`, the launcher's
+        FP8 path), when the bus holds exactly that; None otherwise (then :meth:`publish` it)."""
+        found = None
+        if self.disk is not None and dist.get_rank() == 0:
+            from .v0 import prepublished
+
+            found = prepublished(self.disk, self.precision)
+        if _bcast(found) is None:
+            return None
+        manifest = None
+        if dist.get_rank() == 0:
+            from rollout.bus.manifest import read_manifest
+
+            manifest = read_manifest(self.disk.path(0))
+            logger.info("bus: version 0 found published before the engines started (%s, %.1f MB): committing it",
+                        self.precision, manifest.total_bytes / 1e6)
+        return Published(0, "disk", path=self.disk.path(0), manifest=manifest,
+                         bytes=manifest.total_bytes if manifest else 0)
 
     # -- publish -------------------------------------------------------------------------------
     def publish(self, version: int, model_chunks, *, fleet=None, rewind: bool = False) -> Published:
