@@ -21,6 +21,7 @@
 #SBATCH --time=48:00:00
 #SBATCH --signal=B:TERM@900
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%A_%a.out
 ##SBATCH --partition=YOUR_PARTITION
 ##SBATCH --account=YOUR_ACCOUNT

@@ -6,12 +6,15 @@
   the trainer checkpoints, its step exits 143, and with ALP_REQUEUE=1 (``#SBATCH --requeue``) the job
   requeues itself and its second run resumes from the checkpoint and finishes;
 - one of two engines killed mid-run with ``bus.on_engine_failure = drop``: the job finishes on the other;
+- FP8 rollout with launcher-started engines: they start on bus version 0, written in block FP8 by a
+  step before them, and the trainer commits that version (the first rollout is on version 0);
 - a rollout longer than the trainer's process-group timeout (a short ``parallel.pg_timeout_minutes``
   here; the old fixed default was 10 min): the batch is handed over on its own long-timeout group.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from .cluster import _which
-from .test_sbatch import REPO, SCRIPT, _bus_versions, _env, _latest_step, _run_args
+from .test_sbatch import REPO, RUN, SCRIPT, _bus_versions, _env, _latest_step, _run_args, _scalars
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +85,19 @@ def test_rollout_longer_than_the_pg_timeout(slurm, job_root):
     res = slurm.wait(slurm.submit(SCRIPT, args, cwd=REPO, env=_env(job_root)), timeout_s=400)
     assert (res.state, res.exit_code) == ("COMPLETED", 0), res.output
     assert max(_bus_versions(out)) == 1
+
+
+def test_fp8_rollout_engines_start_on_version_0(slurm, job_root):
+    out = job_root / "fp8_rollout"
+    res = slurm.wait(slurm.submit(SCRIPT, _run_args(out, "run.steps=2", "rollout.precision=fp8"), cwd=REPO,
+                                  env=_env(job_root)), timeout_s=400)
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), res.output
+    v0 = out / "bus" / "v00000000"
+    assert f"engines start on bus version 0 ({v0})" in res.output  # written by the v0 step before them
+    assert "version 0 found published before the engines started (fp8" in res.output  # the trainer commits it
+    manifest = json.loads((v0 / "bus-manifest.json").read_text())
+    assert manifest["precision"] == "fp8" and manifest["quantization"]["weight_block_size"] == [128, 128]
+    engine_log = next((out / RUN / f"slurm-{res.job_id}").glob("engine-*.log")).read_text()
+    assert f"--model {v0} " in engine_log
+    assert _scalars(out, "rollout/staleness_mean")[0] == 0.0  # the first rollout ran on version 0
+    assert max(_bus_versions(out)) == 2
