@@ -39,6 +39,7 @@ from rollout.bus.manifest import BusError, Manifest
 from ..convert.hf_config import hf_config_for_export, read_hf_config
 from ..convert.mapping import WeightMap
 from .export import EXPORT_DTYPES, buckets, export_role, iter_hf_tensors
+from .order import exporter_ranks, order_group, send_in_order
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Publisher:
         self._sender_key: Optional[Tuple] = None
         self._generation = 0
         self._cleaned = False
+        self._order: Optional[Tuple] = None  # (the exporting ranks' gloo group or None,), made once
 
     # -- helpers -------------------------------------------------------------------------------
     def engine_model_path(self, version: int) -> str:
@@ -246,13 +248,24 @@ class Publisher:
             raise PublishError(f"version {version}: {head[1]}")
         _, urls, ranks, api_key, failed = head
         err, nbytes, send_errors = None, 0, {}
+        if self._order is None:  # collective, once: the exporting ranks' own gloo group
+            self._order = (order_group(exporter_ranks(export_role()[1])),)
         try:
             tensors = self._tensors(model_chunks)
             if export_role()[1]:
                 sender = self._get_sender(urls, ranks, api_key)
-                for bucket in buckets(tensors, self.bucket_bytes):
-                    sender.send_bucket(bucket)
-                    nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                sent: List[int] = []
+
+                begin = getattr(sender, "start_bucket", sender.send_bucket)  # tensor backend: synchronous
+
+                def start(bucket):
+                    sent.append(sum(t.numel() * t.element_size() for _, t in bucket))
+                    return begin(bucket)
+
+                # One global bucket order across stages; the next bucket gathered during a transfer.
+                send_in_order(buckets(tensors, self.bucket_bytes), start,
+                              getattr(sender, "finish_bucket", lambda _: None), self._order[0])
+                nbytes = sum(sent)
                 send_errors = dict(sender.errors)
                 sender.errors.clear()
                 if sender.broken:
