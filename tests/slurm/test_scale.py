@@ -30,9 +30,10 @@ from .test_sbatch import REPO, RUN, SCRIPT, _bus_versions, _env, _latest_step, _
 pytestmark = pytest.mark.slow
 
 
-def _wait_for(path: Path, slurm, job: str, timeout_s: float = 300) -> None:
+def _wait_for_version(out: Path, version: int, slurm, job: str, timeout_s: float = 300) -> None:
+    """Until the bus holds ``version`` or a later one (GC removes old versions within seconds)."""
     deadline = time.monotonic() + timeout_s
-    while not path.exists():
+    while max(_bus_versions(out) or [-1]) < version:
         assert time.monotonic() < deadline and slurm.job_info(job).get("JobState") in ("PENDING", "RUNNING"), \
             slurm.output(job)
         time.sleep(0.5)
@@ -43,7 +44,7 @@ def test_job_wide_sigterm_checkpoints_requeues_and_resumes(slurm, job_root):
     steps = 12
     env = {**_env(job_root), "ALP_REQUEUE": "1"}
     job = slurm.submit(SCRIPT, _run_args(out, f"run.steps={steps}", "checkpoint.save_interval=0"), cwd=REPO, env=env)
-    _wait_for(out / "bus" / "v00000002", slurm, job)
+    _wait_for_version(out, 2, slurm, job)
     # What preemption does: every process of every step gets SIGTERM (the batch shell does not).
     subprocess.run([_which("scancel"), "--signal=TERM", job], env=slurm.env(), check=True)
     deadline = time.monotonic() + 300
@@ -68,7 +69,7 @@ def test_one_of_two_engines_killed_the_job_finishes(slurm, job_root):
     steps = 5
     job = slurm.submit(SCRIPT, _run_args(out, f"run.steps={steps}", "rollout.num_engines=2",
                                          "bus.on_engine_failure=drop"), cwd=REPO, env=_env(job_root))
-    _wait_for(out / "bus" / "v00000001", slurm, job)
+    _wait_for_version(out, 1, slurm, job)
     pid = int(re.search(r"local-engine-1 started \(pid (\d+)\)", slurm.output(job)).group(1))
     os.kill(pid, signal.SIGKILL)  # one engine server of this job, by the pid its agent reported
     res = slurm.wait(job, timeout_s=400)
