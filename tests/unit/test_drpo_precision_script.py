@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from megatron_alp.config.loader import CONFIG_ROOT
+from megatron_alp.launch.plan import JobSpec, check_job
 
 REPO = str(CONFIG_ROOT.parent)
 CELLS = [(m, p) for m in ("grpo", "dppo", "drpo") for p in ("bf16", "fp8_rollout", "fp8_e2e")]
@@ -29,21 +30,40 @@ def _dry(args, env=None):
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method,precision", CELLS)
-def test_each_cell_passes_the_dry_run(method, precision, paths):
-    res = _dry([method, precision, *paths])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert f"cell {method} x {precision} (configs/experiments/drpo_precision/{method}_{precision}.yaml)" in res.stdout
-    assert "dry run OK" in res.stdout
-    assert ("writes bus version 0 (block FP8)" in res.stdout) == precision.startswith("fp8")
-    assert f"runs/drpo_precision_{method}_{precision}/bus" in res.stdout or not precision.startswith("fp8")
-
-
-def test_array_index_and_bad_cells():
-    res = _dry([], {"SLURM_ARRAY_TASK_ID": "7", "ALP_PYTHON": "false"})  # stops before Python runs
-    assert "DRPO precision cell drpo x fp8_rollout" in res.stdout, res.stdout + res.stderr
+def test_the_script_plans_every_cell_by_name_and_by_array_index():
+    """The command the script runs for each cell (ALP_PYTHON=echo prints it instead of running it)."""
+    for i, (method, precision) in enumerate(CELLS):
+        for args, env in (([method, precision, "run.steps=5"], {}), (["run.steps=5"], {"SLURM_ARRAY_TASK_ID": str(i)})):
+            res = _dry(args, {"ALP_PYTHON": "echo", **env})
+            assert res.returncode == 0, res.stderr
+            name = f"drpo_precision_{method}_{precision}"
+            assert f"cell {method} x {precision}" in res.stdout
+            cmd = res.stdout.strip().splitlines()[-1].split()
+            assert cmd[:2] == ["-m", "megatron_alp.launch.plan"] and ["--nodes", "2"] == cmd[2:4]
+            assert cmd[cmd.index("--config") + 1] == f"configs/experiments/drpo_precision/{method}_{precision}.yaml"
+            assert cmd[cmd.index("--trainer-nodes") + 1] == "1" and cmd[cmd.index("--gpus-per-node") + 1] == "8"
+            assert cmd[-3:] == [f"run.name={name}", f"bus.dir=runs/{name}/bus", "run.steps=5"]
     res = _dry(["drpo", "fp16"])
     assert res.returncode == 2 and "no cell 'drpo fp16'" in res.stderr
     res = _dry([])
     assert res.returncode == 2 and "name the cell" in res.stderr
+
+
+@pytest.mark.parametrize("method,precision", CELLS)
+def test_each_cell_passes_the_checks(method, precision, paths):
+    """What that command checks (plan.check_job), for each cell, in this process."""
+    name = f"drpo_precision_{method}_{precision}"
+    spec = JobSpec(str(CONFIG_ROOT / "experiments" / "drpo_precision" / f"{method}_{precision}.yaml"),
+                   [f"run.name={name}", f"bus.dir=runs/{name}/bus", *paths], ["gpu0", "gpu1"], 8, 1)
+    c = check_job(spec)
+    assert c.ok, c.problems
+    assert c.plan.tp == 2 and c.plan.dp == 4 and len(c.plan.engine_urls) >= 1
+    assert any("writes bus version 0" in n for n in c.notes) == precision.startswith("fp8")
+    assert any("Transformer Engine" in n for n in c.notes) == (precision == "fp8_e2e")
+
+
+@pytest.mark.slow
+def test_one_cell_end_to_end(paths):
+    res = _dry(["drpo", "fp8_e2e", *paths])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "dry run OK" in res.stdout and "runs/drpo_precision_drpo_fp8_e2e/bus" in res.stdout
