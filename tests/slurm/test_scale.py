@@ -30,7 +30,7 @@ from .test_sbatch import REPO, RUN, SCRIPT, _bus_versions, _env, _latest_step, _
 pytestmark = pytest.mark.slow
 
 
-def _wait_for_version(out: Path, version: int, slurm, job: str, timeout_s: float = 300) -> None:
+def _wait_for_version(out: Path, version: int, slurm, job: str, timeout_s: float = 900) -> None:
     """Until the bus holds ``version`` or a later one (GC removes old versions within seconds)."""
     deadline = time.monotonic() + timeout_s
     while max(_bus_versions(out) or [-1]) < version:
@@ -47,11 +47,11 @@ def test_job_wide_sigterm_checkpoints_requeues_and_resumes(slurm, job_root):
     _wait_for_version(out, 2, slurm, job)
     # What preemption does: every process of every step gets SIGTERM (the batch shell does not).
     subprocess.run([_which("scancel"), "--signal=TERM", job], env=slurm.env(), check=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while int(slurm.job_info(job).get("Restarts", "0")) < 1:
         assert time.monotonic() < deadline, slurm.output(job)
         time.sleep(1.0)
-    res = slurm.wait(job, timeout_s=420)
+    res = slurm.wait(job, timeout_s=900)
     text = res.output
     assert (res.state, res.exit_code) == ("COMPLETED", 0), text
     assert re.search(r"the trainer stopped after SIGTERM \(torchrun exit [01]\)", text)  # not killed by torchrun
