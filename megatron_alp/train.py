@@ -21,6 +21,7 @@ from .runtime.distributed import handover_group
 from .sync.weight_sync import WeightSync
 from .trainer.batching import dp_shard, mini_batches
 from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .trainer.evaluation import Evaluator
 from .trainer.monitor import make_monitor, tensorboard_hint
 from .trainer.setup import StopFlag, load_and_check, setup
 from .trainer.step_metrics import merge_step_metrics, sigma_metrics
@@ -39,7 +40,7 @@ def train(cfg) -> Dict[str, float]:
         meta = load_checkpoint(resume, [t.ddp], t.optimizer, t.layout)
         start, version, data_state = meta["step"], meta["bus_version"], meta.get("data")
     monitor = make_monitor(cfg, t.run_dir, rank)
-    driver = None
+    driver = evaluator = None
     sync = WeightSync(cfg, t, rank)
     stop = StopFlag()
     handover = handover_group(cfg.run.rollout_timeout_minutes)  # the batch's own long timeout
@@ -54,7 +55,10 @@ def train(cfg) -> Dict[str, float]:
                 driver.stream.load_state_dict(data_state)
             with open(f"{t.run_dir}/config.yaml") as f:  # written redacted by setup()
                 monitor.text("config", f"```\n{f.read()}\n```")
+            evaluator = Evaluator(cfg.eval, cfg.rollout, driver, monitor, t.run_dir)
         sync.attach(driver)
+        if rank == 0 and start == 0:
+            evaluator.maybe_run(0, cfg.run.steps)  # the starting weights (eval.at_start)
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
             # 1. rollout on the driver, the batch to every rank.
@@ -106,6 +110,8 @@ def train(cfg) -> Dict[str, float]:
             if stopping:
                 logger.warning("stopped by signal after step %d; resume with the same command", step + 1)
                 break
+            if rank == 0:  # benchmarks on the committed version (eval.interval, eval.final), after the checkpoint
+                evaluator.maybe_run(version, cfg.run.steps)
     finally:
         sync.close()
         if driver is not None:

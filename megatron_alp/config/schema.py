@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Union
 
 from rollout.config import RolloutConfig
+from rollout.eval.config import EvalConfig
 
 from ..algo.config import AlgorithmConfig
 
@@ -292,6 +293,8 @@ class Config:
     """Checkpointing and resume."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Monitoring."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmark evaluation between steps and after the last one (docs/eval.md)."""
     run: RunConfig = field(default_factory=RunConfig)
     """The run itself."""
 
