@@ -97,9 +97,8 @@ class _EngineWatch:
         from rollout.engines.processes import log_tail
 
         dead = [s for s in self.servers if s.proc is not None and s.proc.poll() is not None]
-        for s in dead:
-            if s.pid in self.reported:
-                continue
+        new = [s for s in dead if s.pid not in self.reported]
+        for s in new:
             self.reported.add(s.pid)
             how = "after SIGTERM" if terminating else "on its own"
             logger.error("%s (pid %d, %s) exited %s with code %s; last lines of %s:\n%s", s.name, s.pid, s.url,
@@ -108,7 +107,7 @@ class _EngineWatch:
             return 0 if terminating else 1
         if dead and not terminating and self.on_failure == "stop":
             return 1  # bus.on_engine_failure = stop: one dead server ends the step (and the job)
-        if dead and not terminating:
+        if new and not terminating:
             logger.warning("%s: %d of %d server(s) still serving (bus.on_engine_failure = drop: the trainer's "
                            "fleet drops the dead one)", this_node(), len(self.servers) - len(dead), len(self.servers))
         return None

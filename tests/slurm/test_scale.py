@@ -71,14 +71,16 @@ def test_one_of_two_engines_killed_the_job_finishes(slurm, job_root):
                                          "bus.on_engine_failure=drop", "rollout.local.batch_wait_ms=4000"),
                        cwd=REPO, env=_env(job_root))
     _wait_for_version(out, 1, slurm, job)
-    pid = int(re.search(r"local-engine-1 started \(pid (\d+)\)", slurm.output(job)).group(1))
+    pid, url = re.search(r"local-engine-1 started \(pid (\d+)\) for (\S+);", slurm.output(job)).groups()
+    pid = int(pid)
     os.kill(pid, signal.SIGKILL)  # one engine server of this job, by the pid its agent reported
     killed_after = max(_bus_versions(out))
     res = slurm.wait(job, timeout_s=400)
     assert killed_after < steps, "the job ended before the engine was killed"
     assert (res.state, res.exit_code) == ("COMPLETED", 0), res.output
     assert f"local-engine-1 (pid {pid}" in res.output and "1 of 2 server(s) still serving" in res.output
-    assert re.search(r"engine .*-1.* (leaves|is dropped from) the fleet", res.output), res.output
+    assert re.search(rf"rollout engine {re.escape(url)} (leaves|is dropped from) the fleet", res.output)
+    assert res.output.count("1 of 2 server(s) still serving") == 1  # reported once
     assert max(_bus_versions(out)) == steps
 
 

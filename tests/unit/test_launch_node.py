@@ -14,10 +14,12 @@ def _server(pid, rc=None):
                                  log_path="/nonexistent")
 
 
-def test_drop_keeps_the_survivors_serving_until_none_is_left():
+def test_drop_keeps_the_survivors_serving_until_none_is_left(caplog):
     servers = [_server(1, 9), _server(2)]
     w = _EngineWatch(servers, "drop")
     assert w.new_deaths() and w.check(terminating=False) is None and not w.new_deaths()
+    assert w.check(terminating=False) is None  # polled again every second: reported once
+    assert caplog.text.count("1 of 2 server(s) still serving") == 1
     servers[1].proc.poll = lambda: 1
     assert w.check(terminating=False) == 1  # every server of the node is gone
 
