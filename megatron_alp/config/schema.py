@@ -110,6 +110,12 @@ class PrecisionConfig:
     """fp16 dynamic loss scaling start value."""
 
     def validate(self) -> None:
+        if self.train == "fp8" and self.fp8_recipe == "delayed" and self.fp8_keep_first_last_bf16:
+            # Megatron's TransformerConfig raises the same inside __post_init__ (transformer_config.py:
+            # "Delayed scaling does not support first / last layer in BF16"): say it at config load.
+            raise ValueError("precision.fp8_recipe = delayed cannot keep the first/last layers in bf16 (Megatron "
+                             "refuses it): set precision.fp8_keep_first_last_bf16 = false or use fp8_recipe = "
+                             "tensorwise or blockwise")
         if self.train == "fp8":
             import torch
 

@@ -57,6 +57,16 @@ def _worker(fn, rank, world_size, port, args, queue, env):
             pass
 
 
+def child_environment(env: Optional[dict] = None) -> dict:
+    """What a worker adds to its inherited environment. ``CUDA_VISIBLE_DEVICES`` is passed on only
+    when it is set: an empty value would hide every GPU and run a GPU machine's workers on CPU."""
+    out = {"OMP_NUM_THREADS": "1"}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        out["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    out.update(env or {})
+    return out
+
+
 def run_world(
     fn: Callable[..., Any],
     world_size: int,
@@ -74,8 +84,7 @@ def run_world(
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    child_env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-    child_env.update(env or {})
+    child_env = child_environment(env)
     procs = [
         ctx.Process(target=_worker, args=(fn, r, world_size, port, tuple(args), queue, child_env), daemon=True)
         for r in range(world_size)

@@ -17,7 +17,7 @@ import torch
 
 from ..algo.advantages import compute_advantages
 from .actor import RLBatch
-from .batching import collate
+from .batching import collate, seq_pad_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ class RolloutDriver:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         adv = compute_advantages(rewards, cfg.algorithm.advantage, group_size=cfg.rollout.n_samples,
                                  eps=cfg.algorithm.advantage_eps)
-        pad_multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-        batch = collate(samples, adv, pad_id=self.pad_id, pad_multiple=pad_multiple)
+        batch = collate(samples, adv, pad_id=self.pad_id, pad_multiple=seq_pad_multiple(cfg.parallel, cfg.precision))
         return batch, self._metrics(samples, rewards, dt, weight_version)
 
     def _metrics(self, samples, rewards: torch.Tensor, seconds: float, version: int) -> Dict[str, float]:

@@ -17,7 +17,9 @@ import torch.distributed as dist
 from ..config import Config, dump_yaml, load_config
 from ..model.alp import alp_block_spec
 from ..model.builder import build_gpt_model
+from ..runtime.device import any_rank
 from ..runtime.distributed import Layout, init_distributed, init_parallel_state, validate_layout
+from ..runtime.placement import check_gpu_placement
 from .actor import Actor
 from .optim import Optimizer, wrap_ddp
 
@@ -37,6 +39,7 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
     n = run.prompts_per_step * r.n_samples
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_layout(cfg.parallel, world, cfg.model)
+    check_gpu_placement(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     per_dp = n // layout.dp if n % layout.dp == 0 else None
     if per_dp is None:
         raise ValueError(f"run.prompts_per_step x rollout.n_samples = {n} sequences do not split over "
@@ -103,7 +106,8 @@ def setup(cfg: Config) -> Trainer:
     load_initial_weights(cfg, model)
     ddp = wrap_ddp(model)
     total = cfg.run.steps * cfg.run.mini_batches_per_step
-    optimizer = Optimizer([ddp], cfg.optimizer, precision=cfg.precision.train, alp=cfg.alp, total_steps=total)
+    optimizer = Optimizer([ddp], cfg.optimizer, precision=cfg.precision.train, alp=cfg.alp, total_steps=total,
+                          initial_loss_scale=cfg.precision.initial_loss_scale)
     actor = Actor(cfg, [ddp], optimizer)
     ref_actor = None
     if cfg.algorithm.kl_coef > 0:
@@ -132,6 +136,4 @@ class StopFlag:
         self.requested = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.requested)  # a CUDA tensor under NCCL, a CPU one under gloo
