@@ -9,7 +9,7 @@ import argparse
 import importlib
 import time
 
-BENCHES = ("alp_overhead", "logprob", "rollout", "convert", "bus", "step")
+BENCHES = ("alp_overhead", "logprob", "rollout", "prefix_cache", "convert", "bus", "step")
 
 
 def main(argv=None) -> int:

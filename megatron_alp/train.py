@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 from typing import Dict, List
 
@@ -20,9 +22,10 @@ import torch.distributed as dist
 from .runtime.distributed import handover_group
 from .sync.weight_sync import WeightSync
 from .trainer.batching import dp_shard, mini_batches
-from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .trainer.evaluation import Evaluator
 from .trainer.monitor import make_monitor, tensorboard_hint
+from .trainer.preempt import Abort, RolloutFailure, TrainingStopped, rollout_or_abort
 from .trainer.setup import StopFlag, load_and_check, setup
 from .trainer.step_metrics import merge_step_metrics, sigma_metrics
 
@@ -61,9 +64,12 @@ def train(cfg) -> Dict[str, float]:
             evaluator.maybe_run(0, cfg.run.steps)  # the starting weights (eval.at_start)
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
-            # 1. rollout on the driver, the batch to every rank.
-            payload = [driver.rollout(step, version) if rank == 0 else None]
-            dist.broadcast_object_list(payload, src=0, group=handover)
+            # 1. rollout on the driver, the batch to every rank (or why not: checkpoint, then stop).
+            stopping = stop.any_rank()
+            payload = [rollout_or_abort(driver, stop, stopping, step, version) if rank == 0 else None]
+            dist.broadcast_object_list(payload, src=0, group=handover)  # the rollout's own long timeout
+            if isinstance(payload[0], Abort):
+                raise payload[0].error(step, _save(cfg, t, ckpt_root, step, version, driver, rank))
             batch, rollout_metrics = payload[0]
             local = dp_shard(batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
             t_train = time.perf_counter()
@@ -72,10 +78,15 @@ def train(cfg) -> Dict[str, float]:
                 local.old_logp = t.actor.compute_logprobs(local)
             if t.ref_actor is not None:
                 local.ref_logp = t.ref_actor.compute_logprobs(local)
+            if cfg.logging.mismatch_metrics:  # mismatch/*: unperturbed pi_old vs mu, never ALP's noise
+                local.base_logp = local.old_logp if cfg.algorithm.recompute_old_logp else t.actor.compute_logprobs(local)
             # 3. mini-batch updates: staleness grows with each one.
             per_update: List[Dict] = []
+            record: List[Dict] = []
             for k, mb in enumerate(mini_batches(local, cfg.run.mini_batches_per_step)):
-                per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k))
+                per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k, record=record))
+            step_level = t.actor.step_metrics(record)
+            del record
             skipped = any(m.get("train/skipped_step", 0) > 0 for m in per_update)
             nonfinite = nonfinite + 1 if skipped else 0
             train_s = time.perf_counter() - t_train
@@ -84,7 +95,7 @@ def train(cfg) -> Dict[str, float]:
             version = step + 1
             sync_metrics = sync.publish_and_commit(version)
             # 5. metrics: the last pipeline stage's reduced metrics and every stage's sigma to rank 0.
-            metrics = merge_step_metrics(per_update, src_rank=_metrics_rank(ps))
+            metrics = merge_step_metrics(per_update, step_level, src_rank=_metrics_rank(ps))
             metrics.update(sigma_metrics(t.model, t.ddp))
             if rank == 0:
                 metrics.update(rollout_metrics)
@@ -101,15 +112,13 @@ def train(cfg) -> Dict[str, float]:
             stopping = stop.any_rank()
             if (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0) or \
                     step + 1 == cfg.run.steps or stopping or give_up:
-                meta = {"bus_version": version, "data": driver.stream.state_dict() if rank == 0 else None}
-                meta = _from_rank0(meta)
-                save_checkpoint(ckpt_root, step + 1, [t.ddp], t.optimizer, meta, t.layout)
+                _save(cfg, t, ckpt_root, step + 1, version, driver, rank)
             if give_up:
                 raise RuntimeError(f"{nonfinite} consecutive non-finite losses (run.max_nonfinite_steps = "
                                    f"{cfg.run.max_nonfinite_steps}); checkpoint saved in {ckpt_root}")
             if stopping:
-                logger.warning("stopped by signal after step %d; resume with the same command", step + 1)
-                break
+                raise TrainingStopped(stop.signum or 15, f"stopped by signal {stop.signum} after step {step + 1}; "
+                                      f"checkpoint in {ckpt_root}; resume with the same command")
             if rank == 0:  # benchmarks on the committed version (eval.interval, eval.final), after the checkpoint
                 evaluator.maybe_run(version, cfg.run.steps)
     finally:
@@ -120,6 +129,12 @@ def train(cfg) -> Dict[str, float]:
     if rank == 0 and cfg.logging.tensorboard:
         logger.info("TensorBoard logs: %s  (open with: %s)", f"{t.run_dir}/tensorboard", tensorboard_hint(t.run_dir))
     return last
+
+
+def _save(cfg, t, ckpt_root: str, steps_done: int, version: int, driver, rank: int) -> str:
+    """Collective checkpoint of ``steps_done`` completed steps (the data position from rank 0)."""
+    meta = _from_rank0({"bus_version": version, "data": driver.stream.state_dict() if rank == 0 else None})
+    return save_checkpoint(ckpt_root, steps_done, [t.ddp], t.optimizer, meta, t.layout, cfg.checkpoint.keep)
 
 
 def _metrics_rank(ps) -> int:
@@ -155,11 +170,36 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_third_party()
-    cfg = load_and_check(args.config, args.overrides)
-    train(cfg)
+    _die_with_torchrun()
+    try:
+        cfg = load_and_check(args.config, args.overrides)
+    except ValueError as e:  # ConfigError included: one line, once (rank 0), no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
+    code = 0
+    try:
+        train(cfg)
+    except TrainingStopped as e:  # checkpointed, engines stopped; every rank has the same message
+        if dist.get_rank() == 0:
+            logger.warning("%s", e)
+        code = 128 + e.signum
+    except (RolloutFailure, CheckpointError) as e:
+        if dist.get_rank() == 0:
+            logger.error("%s", e)
+        code = 1
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return code
+
+
+def _die_with_torchrun() -> None:
+    """Under torchrun, a SIGKILLed agent must not leave this worker (and, through the engines' own
+    PR_SET_PDEATHSIG, its engines) running: the kernel kills us when our parent dies."""
+    from rollout.engines.processes import set_parent_death_signal
+
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != 1:
+        set_parent_death_signal(expected_parent=os.getppid())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ rollout package never imports the trainer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -104,9 +105,16 @@ class DataConfig:
     path: Optional[str] = None
     """JSONL or Parquet file of prompts (None = the caller provides prompts, e.g. a synthetic task)."""
     prompt_key: str = "prompt"
-    """Column with the prompt: a string, or a list of chat messages {role, content}."""
+    """Column with the prompt: a string, or a list of chat messages {role, content} (dotted paths
+    reach into nested records)."""
     label_key: str = "answer"
-    """Column with the ground truth handed to the reward function."""
+    """Column with the ground truth handed to the reward function; a dotted path reaches into nested
+    records (`reward_model.ground_truth`, the verl layout). A record without it fails the load."""
+    require_label: bool = True
+    """Fail the load when a record has no label (False: such samples score 0, for label-free rewards)."""
+    instruction: Optional[str] = None
+    """Text prepended to the first user message (the reference's `data.prompt`): literal text, or a
+    name from rollout/prompts.py (`simpletir`: the ALP multi-turn tool instruction)."""
     apply_chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template when it has one."""
     system_prompt: Optional[str] = None
@@ -131,16 +139,32 @@ class SandboxConfig:
     """Address-space limit of the child (RLIMIT_AS)."""
     max_output_chars: int = 16384
     """Characters of stdout/stderr read back (before the token budget is applied)."""
+    isolation: Literal["auto", "bwrap", "none"] = "auto"
+    """`bwrap`: OS-level isolation with bubblewrap (namespaces, seccomp, read-only runtime; the
+    security boundary; see docs/rollout.md). `none`: the unisolated fallback (a subprocess with
+    resource limits and an audit hook, not a boundary), which refuses to run as root unless
+    `allow_unisolated_root`. `auto`: bwrap when it works here, else the fallback (with a warning)."""
+    allow_unisolated_root: bool = False
+    """Let the unisolated fallback run model-written code while we are root (not recommended)."""
+    user: str = "nobody"
+    """When we are root: the unprivileged host user the sandbox (bwrap and the code) runs as."""
+    max_processes: int = 32
+    """Process/thread limit of one execution (RLIMIT_NPROC, counted per sandbox namespace)."""
+    disk_mb: int = 64
+    """Size of the private tmpfs work directory (bwrap isolation)."""
     network: Literal["auto", "namespace", "audit"] = "auto"
-    """No-network method: a private network namespace (root), an audit hook refusing sockets, or
-    `auto` (namespace when permitted, plus the audit hook in every case)."""
+    """Unisolated fallback only (bwrap always gives a network namespace with only a downed
+    loopback): a private network namespace (root), an audit hook refusing sockets, or `auto`."""
     drop_privileges: bool = True
-    """When running as root, run the child as the unprivileged user `nobody`."""
+    """Unisolated fallback only: when running as root, run the child as the user `nobody`."""
     max_concurrent: int = 4
     """Tool executions running at once in one rollout process."""
 
     def validate(self) -> None:
-        _positive("rollout.sandbox", self, "timeout_s", "memory_mb", "max_output_chars", "max_concurrent")
+        _positive("rollout.sandbox", self, "timeout_s", "memory_mb", "max_output_chars", "max_concurrent",
+                  "max_processes", "disk_mb")
+        if self.isolation not in ("auto", "bwrap", "none"):
+            raise ValueError(f"rollout.sandbox.isolation must be auto, bwrap or none, got {self.isolation!r}")
 
 
 @dataclass
@@ -150,13 +174,14 @@ class MultiTurnConfig:
     enabled: bool = False
     """Run multi-turn generation with the Python tool instead of single-turn."""
     max_turns: int = 5
-    """Model turns per sample (a tool call closes a turn; the last turn cannot call the tool)."""
+    """Model turns per sample (a closed code block ends a turn; the last turn's block is not run)."""
     max_response_len: int = 1024
-    """Budget of all response tokens of a sample (model and observation tokens together)."""
-    stop: List[str] = field(default_factory=lambda: ["```output"])
-    """Stop strings that end a turn to run its code (the model announces the output block)."""
+    """Budget of all response tokens of a sample (model and observation tokens together); each turn
+    also stops at `rollout.max_new_tokens`."""
     observation_max_tokens: int = 256
     """Token budget of one tool observation; longer output is cut with a marker."""
+    final_answer_func: bool = True
+    """Define `final_answer(x)` (prints `\\boxed{x}`) before each code block, as the reference does."""
 
     def validate(self) -> None:
         _positive("rollout.multi_turn", self, "max_turns", "max_response_len", "observation_max_tokens")
@@ -209,6 +234,17 @@ class RolloutConfig:
     reward: str = "math"
     """Reward function: `math` (math-verify on the boxed answer), `synthetic`, or a dotted path
     `package.module:function` (signature in docs/rollout.md)."""
+    reward_workers: int = 4
+    """Processes that score rewards (off the event loop, killable); 0 = score inline. The built-in
+    `synthetic` reward and async reward functions always run inline."""
+    reward_timeout_s: float = 120.0
+    """Hard limit of one reward call in a worker (the reference's 120 s); past it the sample scores 0."""
+    reward_on_error: Literal["fail_sample", "stop"] = "fail_sample"
+    """A reward function that raises or returns NaN/inf: `fail_sample` scores that sample
+    `reward_failed_value` (counted in `rollout/reward_failures`); `stop` ends the run with a
+    checkpoint and a one-line error."""
+    reward_failed_value: float = 0.0
+    """The reward of a sample whose reward function failed (`reward_on_error: fail_sample`)."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """SGLang launch options."""
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -235,11 +271,15 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not math.isfinite(self.reward_failed_value):
+            raise ValueError(f"rollout.reward_failed_value must be finite, got {self.reward_failed_value}")
         if self.host not in LOCAL_HOSTS and not self.api_key:
             raise ValueError(f"rollout.host = {self.host} exposes the engines: set rollout.api_key")
         if not 0 <= self.base_port < 65536:
             raise ValueError(f"rollout.base_port must be in [0, 65535], got {self.base_port}")
-        _positive("rollout", self, "startup_timeout_s", "max_concurrent_requests")
+        _positive("rollout", self, "startup_timeout_s", "max_concurrent_requests", "reward_timeout_s")
+        if self.reward_workers < 0:
+            raise ValueError(f"rollout.reward_workers must be >= 0, got {self.reward_workers}")
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: '{url}' is not an http(s) URL")

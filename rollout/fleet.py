@@ -2,7 +2,12 @@
 
 - Balancing: least outstanding requests (ties broken round-robin), or everything through an
   `sglang_router` when one is configured (the router does not forward weight-update endpoints, so
-  control calls always go to each server directly).
+  control calls always go to each server directly; its cache-aware policy keeps a growing
+  multi-turn prefix on one server).
+- Sticky routing: requests made through one :meth:`Fleet.sticky` handle (all turns of one
+  multi-turn sample) go to the engine that served the handle's previous request while it is live,
+  so each turn finds its prefix in that engine's radix cache (the idea of SGLang router's
+  cache-aware policy, done by key instead of by prefix match).
 - Failover: a request whose engine becomes unreachable (after the client's retries) or answers
   with a server error (5xx) triggers a health probe; a dead engine is dropped from rotation and the request is re-issued to another
   one. With no live engine left, :class:`FleetExhausted` names every engine and its last error.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,6 +35,8 @@ from .engines.protocol import EngineError, EngineHTTPError, EngineUnavailable, G
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3
+MAX_STICKY_KEYS = 65536
+"""Sticky keys remembered at once (least recently used forgotten first)."""
 
 
 class FleetExhausted(RuntimeError):
@@ -61,7 +69,8 @@ class Fleet:
     """A pool of engine clients. ``generate`` has the same signature as ``EngineClient.generate``."""
 
     def __init__(self, clients: Sequence[EngineClient], *, router: Optional[EngineClient] = None,
-                 max_concurrent: int = 512, probe_timeout_s: float = 5.0, max_abort_retries: int = 8):
+                 max_concurrent: int = 512, probe_timeout_s: float = 5.0, max_abort_retries: int = 8,
+                 flush_timeout_s: float = 600.0):
         if not clients:
             raise ValueError("a fleet needs at least one engine")
         self._engines = [_Engine(c) for c in clients]
@@ -69,11 +78,13 @@ class Fleet:
         self._sem = asyncio.Semaphore(max_concurrent)
         self._probe_timeout_s = probe_timeout_s
         self._max_abort_retries = max_abort_retries
+        self._flush_timeout_s = flush_timeout_s
         self._rr = itertools.count()
         self._running = asyncio.Event()
         self._running.set()
         self.committed_version: Optional[str] = None
         """The weight version every live engine runs (set by a successful update/commit)."""
+        self._sticky: "OrderedDict[str, _Engine]" = OrderedDict()
 
     @classmethod
     def from_urls(cls, urls: Sequence[str], *, api_key: Optional[str] = None,
@@ -144,7 +155,16 @@ class Fleet:
         await self.close()
 
     # -- generation ------------------------------------------------------------------------
-    def _pick(self, avoid: Optional[_Engine]) -> _Engine:
+    def sticky(self, key: str) -> "StickyEngine":
+        """A handle whose requests stay on one engine (see the module docstring)."""
+        return StickyEngine(self, key)
+
+    def _pick(self, avoid: Optional[_Engine], key: Optional[str] = None) -> _Engine:
+        if key is not None:
+            eng = self._sticky.get(key)
+            if eng is not None and eng.alive and eng is not avoid:
+                self._sticky.move_to_end(key)
+                return eng
         live = [e for e in self._engines if e.alive]
         if not live:
             detail = "; ".join(f"{e.client.url} ({e.last_error or 'dead'})" for e in self._engines)
@@ -169,8 +189,9 @@ class Fleet:
                              eng.client.url, len(self.live_urls), eng.consecutive_failures, err)
 
     async def generate(self, input_ids: Sequence[int], params: Dict[str, Any], *,
-                       rid: Optional[str] = None, return_logprob: bool = True) -> GenerateOutput:
-        """Generate on the least-loaded live engine; fail over and re-issue as needed."""
+                       rid: Optional[str] = None, return_logprob: bool = True,
+                       sticky_key: Optional[str] = None) -> GenerateOutput:
+        """Generate on the least-loaded live engine (or ``sticky_key``'s); fail over and re-issue as needed."""
         async with self._sem:
             aborts, failures, avoid = 0, 0, None
             while True:
@@ -178,7 +199,9 @@ class Fleet:
                 if self._router is not None:
                     out = await self._router.generate(input_ids, params, rid=rid, return_logprob=return_logprob)
                 else:
-                    eng = self._pick(avoid)
+                    eng = self._pick(avoid, sticky_key)
+                    if sticky_key is not None:
+                        self._remember(sticky_key, eng)
                     eng.outstanding += 1
                     try:
                         out = await eng.client.generate(input_ids, params, rid=rid, return_logprob=return_logprob)
@@ -208,6 +231,16 @@ class Fleet:
                     await asyncio.sleep(0)
                     continue
                 return out
+
+    def _remember(self, key: str, eng: _Engine) -> None:
+        self._sticky[key] = eng
+        self._sticky.move_to_end(key)
+        while len(self._sticky) > MAX_STICKY_KEYS:
+            self._sticky.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        """Drop ``key``'s engine binding (its sample is complete)."""
+        self._sticky.pop(key, None)
 
     # -- health ----------------------------------------------------------------------------
     async def check_health(self) -> Dict[str, bool]:
@@ -264,8 +297,15 @@ class Fleet:
         if errors:
             logger.error("pause_generation failed on %s", errors)
 
-    async def resume(self) -> None:
-        """Continue the engines this fleet paused (not those dropped paused) and release requests."""
+    async def resume(self, flush: bool = False) -> None:
+        """Continue the engines this fleet paused (not those dropped paused) and release requests.
+
+        With ``flush`` (after any weight change) no request is released before every continued
+        engine has flushed its prefix cache: KV computed with the old weights is never reused for a
+        new request. SGLang flushes only when no request runs, so with ``pause_mode: in_place`` (the
+        paused requests keep running on their old KV) this waits for them to finish; an engine that
+        cannot flush within ``flush_timeout_s`` is dropped.
+        """
         targets = [e for e in self._engines if e.paused and not e.keep_paused]
         try:
             res = await asyncio.gather(*(e.client.continue_generation() for e in targets), return_exceptions=True)
@@ -274,8 +314,29 @@ class Fleet:
                 e.paused = e.paused and isinstance(r, BaseException)
             if errors:
                 logger.error("continue_generation failed on %s", errors)
+            if flush:
+                await asyncio.gather(*(self._flush(e) for e in targets if e.alive and not e.paused))
         finally:
             self._running.set()
+
+    async def _flush(self, eng: _Engine) -> None:
+        """POST /flush_cache until the engine accepts it (it refuses while requests run)."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self._flush_timeout_s, 0.02
+        while True:
+            try:
+                await eng.client.flush_cache()
+                return
+            except EngineHTTPError as e:
+                if e.status != 400 or loop.time() > deadline:
+                    self.drop(eng.client.url, f"could not flush its prefix cache after a weight update: {e}",
+                              keep_paused=False)
+                    return
+            except EngineError as e:
+                self.drop(eng.client.url, f"flush_cache after a weight update: {e}", keep_paused=False)
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
     async def update_weights_from_disk(self, model_path: str, weight_version: str, *,
                                        pause_mode: str = "abort") -> None:
@@ -286,11 +347,15 @@ class Fleet:
         The checkpoint bus's commit (:func:`rollout.bus.commit.commit`) adds retries, log-prob
         spot checks and the stop-the-run policy on top of the same steps.
         """
+        from .bus.commit import disk_apply
+
         await self.pause(pause_mode)
         errors: Dict[str, str] = {}
+        apply = disk_apply(model_path, weight_version, pause_mode=pause_mode)
         try:
-            res = await self._each("update_weights_from_disk", model_path, weight_version=str(weight_version))
-            errors.update({u: str(r) for u, r in res.items() if isinstance(r, BaseException)})
+            live = [e for e in self._engines if e.alive]
+            res = await asyncio.gather(*(apply(e.client) for e in live), return_exceptions=True)
+            errors.update({e.client.url: str(r) for e, r in zip(live, res) if isinstance(r, BaseException)})
             versions = await self._each("weight_version")
             for url, v in versions.items():
                 if url not in errors and v != str(weight_version):
@@ -300,7 +365,7 @@ class Fleet:
                 for url, msg in errors.items():
                     self.drop(url, f"weight update to {weight_version} failed: {msg}", keep_paused=False)
         finally:
-            await self.resume()
+            await self.resume(flush=True)
         if errors:
             raise WeightUpdateError(weight_version, errors)
         logger.info("fleet: %d engine(s) at weight version %s", len(self.live_urls), weight_version)
@@ -308,3 +373,16 @@ class Fleet:
     async def weight_versions(self) -> Dict[str, Optional[str]]:
         res = await self._each("weight_version")
         return {u: (None if isinstance(v, BaseException) else v) for u, v in res.items()}
+
+
+class StickyEngine:
+    """``generate`` of one :class:`Fleet` bound to one key: every request goes where the last went."""
+
+    def __init__(self, fleet: Fleet, key: str):
+        self.fleet, self.key = fleet, key
+
+    async def generate(self, input_ids: Sequence[int], params: Dict[str, Any], **kw) -> GenerateOutput:
+        return await self.fleet.generate(input_ids, params, sticky_key=self.key, **kw)
+
+    def release(self) -> None:
+        self.fleet.forget(self.key)

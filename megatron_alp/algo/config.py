@@ -14,7 +14,7 @@ from .hparams import HPARAMS, NEEDS_OLD_LOGP, hparam_error
 
 OBJECTIVES = (
     "bypass_token", "bypass_seq", "bypass_geo", "ppo",
-    "mis_token", "mis_seq", "tis_token", "tis_seq",
+    "mis_token", "mis_seq", "mis_seq_geo", "tis_token", "tis_seq",
     "dppo_tv", "dppo_kl", "drpo", "spo", "drpo_mask",
 )
 
@@ -23,7 +23,7 @@ OBJECTIVES = (
 class AlgorithmConfig:
     objective: Literal[
         "bypass_token", "bypass_seq", "bypass_geo", "ppo",
-        "mis_token", "mis_seq", "tis_token", "tis_seq",
+        "mis_token", "mis_seq", "mis_seq_geo", "tis_token", "tis_seq",
         "dppo_tv", "dppo_kl", "drpo", "spo", "drpo_mask",
     ] = "bypass_token"
     """Per-token objective (ALGORITHMS.md sections 1-4); see docs/objectives.md."""

@@ -14,6 +14,7 @@ HPARAMS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Optional[float]]]] = {
     "ppo": (_CLIP, {"dual_clip": None}),
     "mis_token": (_CLIP + ("is_low", "is_high"), {"dual_clip": None, "veto": None}),
     "mis_seq": (_CLIP + ("is_low", "is_high"), {"dual_clip": None, "veto": None}),
+    "mis_seq_geo": (_CLIP + ("is_low", "is_high"), {"dual_clip": None, "veto": None}),
     "tis_token": (_CLIP + ("is_high",), {"dual_clip": None, "veto": None}),
     "tis_seq": (_CLIP + ("is_high",), {"dual_clip": None, "veto": None}),
     "dppo_tv": (("delta",), {"trunc": None}),
@@ -23,10 +24,10 @@ HPARAMS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Optional[float]]]] = {
     "drpo_mask": (("delta", "dppo_delta"), {}),
 }
 OBJECTIVES = tuple(HPARAMS)
-NEEDS_OLD_LOGP = frozenset({"ppo", "mis_token", "mis_seq", "tis_token", "tis_seq"})
-SEQUENCE_LEVEL = frozenset({"bypass_seq", "bypass_geo", "mis_seq", "tis_seq"})
+NEEDS_OLD_LOGP = frozenset({"ppo", "mis_token", "mis_seq", "mis_seq_geo", "tis_token", "tis_seq"})
+SEQUENCE_LEVEL = frozenset({"bypass_seq", "bypass_geo", "mis_seq", "mis_seq_geo", "tis_seq"})
 RATIO_OBJECTIVES = frozenset(
-    {"bypass_token", "bypass_seq", "bypass_geo", "ppo", "mis_token", "mis_seq", "tis_token", "tis_seq"}
+    {"bypass_token", "bypass_seq", "bypass_geo", "ppo", "mis_token", "mis_seq", "mis_seq_geo", "tis_token", "tis_seq"}
 )
 DRPO_FAMILY = frozenset({"drpo", "spo", "drpo_mask"})
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")

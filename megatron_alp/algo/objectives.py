@@ -16,6 +16,8 @@ bypass_seq     PPO clip of the straight-through sequence ratio             eps_l
 bypass_geo     same with the geometric-mean sequence ratio (GSPO)          eps_low, eps_high, [dual_clip]
 ppo            PPO clip of ``pi/pi_old``                                   eps_low, eps_high, [dual_clip]
 mis_token/seq  ``sg(w 1[is_low<=w<=is_high]) * ppo``, ``w = pi_old/mu``    eps_low, eps_high, is_low, is_high, [dual_clip, veto]
+mis_seq_geo    mis_seq with the PPO clip on the geometric sequence         same as mis_seq
+               ratio ``(pi/pi_old)^(1/|y|)`` (straight-through; GSPO)
 tis_token/seq  ``sg(min(w, is_high)) * ppo``                               eps_low, eps_high, is_high, [dual_clip, veto]
 dppo_tv/kl     ``-A sg(min(r, C)) (1 - invalid) lp``                       delta, [trunc]
 drpo           ``-A r + |A| sg(mu) (r-1)^2 / (2 delta)``                   delta
@@ -46,7 +48,7 @@ from .hparams import (  # noqa: F401  (re-exported: the tables are part of this 
     SEQUENCE_LEVEL,
     check_hparams,
 )
-from .ratio import importance_weight, policy_log_ratio, ppo_clip_loss
+from .ratio import importance_weight, loss_log_ratio, policy_log_ratio, ppo_clip_loss
 
 Number = Union[int, float]
 
@@ -161,7 +163,8 @@ def token_losses(
         log_rho = policy_log_ratio(kind, lp, lmu, valid)
         loss = ppo_clip_loss(log_rho, adv, hp["eps_low"], hp["eps_high"], hp["dual_clip"])
     elif objective in NEEDS_OLD_LOGP:
-        loss = ppo_clip_loss(lp - lold, adv, hp["eps_low"], hp["eps_high"], hp["dual_clip"])
+        loss = ppo_clip_loss(loss_log_ratio(objective, lp, lmu, lold, valid), adv, hp["eps_low"], hp["eps_high"],
+                             hp["dual_clip"])
         if objective != "ppo":
             mode = "mask" if objective.startswith("mis_") else "truncate"
             w, _ = importance_weight(

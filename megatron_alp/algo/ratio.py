@@ -43,6 +43,24 @@ def policy_log_ratio(kind: str, logp: torch.Tensor, anchor_logp: torch.Tensor, v
     raise ValueError(f"unknown ratio kind {kind!r} (expected 'token', 'seq' or 'geo')")
 
 
+def loss_log_ratio(
+    objective: str, logp: torch.Tensor, rollout_logp: torch.Tensor, old_logp: Optional[torch.Tensor],
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token ``log rho`` (not yet clamped) that a ratio objective's PPO clip sees.
+
+    ``bypass_<kind>``: :func:`policy_log_ratio` against the rollout log-probs; ``mis_seq_geo``
+    (GSPO as the ALP reference's ``train_gspo.sh`` runs it: ``ppo_is_geometric=True``): the
+    geometric-mean sequence ratio against the recomputed ``pi_old``; the other decoupled objectives
+    (``ppo``, ``mis_*``, ``tis_*``): the token ratio ``lp - lold``.
+    """
+    if objective.startswith("bypass_"):
+        return policy_log_ratio(objective.split("_")[1], logp, rollout_logp, valid)
+    if objective == "mis_seq_geo":
+        return policy_log_ratio("geo", logp, old_logp, valid)
+    return logp - old_logp
+
+
 def ppo_clip_loss(
     log_ratio: torch.Tensor,
     advantages: torch.Tensor,

@@ -17,6 +17,23 @@ from ..algo.config import AlgorithmConfig
 FAMILIES = ("qwen2", "qwen3", "llama")
 
 
+def _at_least(section: str, obj, low, *names: str) -> None:
+    """Each named field (None = unset, skipped) must be >= ``low``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= low:  # `not >=` also refuses NaN
+            raise ValueError(f"{section}.{name} must be >= {low}, got {value}")
+
+
+def _finite(section: str, obj, *names: str) -> None:
+    import math
+
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{section}.{name} must be finite, got {value}")
+
+
 @dataclass
 class ModelConfig:
     family: Literal["qwen2", "qwen3", "llama"] = "qwen2"
@@ -96,6 +113,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.pg_timeout_minutes <= 0:
             raise ValueError(f"parallel.pg_timeout_minutes must be > 0, got {self.pg_timeout_minutes}")
+        _at_least("parallel", self, 1, "tp", "pp", "cp", "dp", "recompute_num_layers")
 
 
 @dataclass
@@ -183,6 +201,18 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
 
+    def validate(self) -> None:
+        _finite("optimizer", self, "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad")
+        _at_least("optimizer", self, 0, "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad",
+                  "adam_beta1", "adam_beta2")
+        for name in ("adam_beta1", "adam_beta2"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"optimizer.adam_eps must be > 0, got {self.adam_eps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr = {self.min_lr} is above optimizer.lr = {self.lr}")
+
 
 @dataclass
 class BusConfig:
@@ -232,6 +262,14 @@ class CheckpointConfig:
     """Save every N steps (0 = only at the end and on SIGTERM)."""
     load: Optional[str] = None
     """Resume from this checkpoint directory, or the Megatron checkpoint of a converted HF model."""
+    keep: int = 0
+    """Keep the newest N complete checkpoints, deleting older ones after each save (0 = keep all).
+    The one being written and the last complete one are never deleted."""
+
+    def validate(self) -> None:
+        for name in ("save_interval", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -242,6 +280,10 @@ class LoggingConfig:
     """Terminal line every N steps."""
     histograms: bool = True
     """Log-ratio and sigma histograms."""
+    mismatch_metrics: bool = True
+    """Log mismatch/* (unperturbed pi_theta_old vs the rollout policy mu at the start of each step).
+    Where the objective does not recompute pi_old this costs one extra no-grad forward per step;
+    false skips it and logs nothing under mismatch/."""
 
 
 @dataclass
@@ -269,6 +311,11 @@ class RunConfig:
     def validate(self) -> None:
         if self.rollout_timeout_minutes <= 0:
             raise ValueError(f"run.rollout_timeout_minutes must be > 0, got {self.rollout_timeout_minutes}")
+        _at_least("run", self, 0, "steps")
+        _at_least("run", self, 1, "prompts_per_step", "mini_batches_per_step", "micro_batch_size",
+                  "max_nonfinite_steps")
+        if not self.name.strip() or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+            raise ValueError(f"run.name must be a plain directory name (no path separators), got {self.name!r}")
 
     @property
     def output_dir(self) -> str:
@@ -304,7 +351,16 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """The run itself."""
 
+    def _validate_bus_engines(self) -> None:
+        r = self.rollout
+        if self.bus.backend == "nccl" and r.engine == "sglang" and r.sglang.dp_size > 1:
+            # SGLang 0.5.23 TokenizerManager.init_weights_update_group asserts dp_size == 1
+            raise ValueError(f"bus.backend = nccl needs rollout.sglang.dp_size = 1 (got {r.sglang.dp_size}): SGLang "
+                             f"refuses update_weights_from_distributed with data-parallel replicas; use more engines "
+                             f"(rollout.num_engines) instead of dp_size, or bus.backend = disk")
+
     def validate(self) -> None:
+        self._validate_bus_engines()
         m, p = self.model, self.parallel
         if p.sequence_parallel and p.tp == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp > 1 (got tp = 1)")

@@ -59,7 +59,7 @@ class Checked:
 def check_job(spec: JobSpec) -> Checked:
     """Everything the dry run checks; raises ``ValueError`` (config) or ``TopologyError``."""
     from ..config import load_config
-    from .checks import check_paths, check_sequence_fits, load_for_world, requested_precision
+    from .checks import check_paths, check_rollout_inputs, check_sequence_fits, load_for_world, requested_precision
 
     on_gpus = spec.gpus_per_node > 0
     # The topology first (it fixes the world size), from the config without the batch checks; the
@@ -111,6 +111,9 @@ def check_job(spec: JobSpec) -> Checked:
                                 f"token sequence: raise rollout.sglang.tp_size or mem_fraction_static")
     if spec.check_paths:
         problems, warnings = check_paths(cfg, multi_node=len(spec.nodes) > 1)
+        out.problems += problems
+        out.warnings += warnings
+        problems, warnings = check_rollout_inputs(cfg)
         out.problems += problems
         out.warnings += warnings
     return out

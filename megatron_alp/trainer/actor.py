@@ -43,6 +43,7 @@ class RLBatch:
     advantages: torch.Tensor  # [N] fp32
     old_logp: Optional[torch.Tensor] = None  # [N, L]
     ref_logp: Optional[torch.Tensor] = None  # [N, L]
+    base_logp: Optional[torch.Tensor] = None  # [N, L] unperturbed pi_old at the step's start: metrics only
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -140,9 +141,11 @@ class Actor:
         dist.all_reduce(n, group=self.ps.get_data_parallel_group())
         return n
 
-    def train_step(self, batch: RLBatch, step: int) -> Dict[str, float]:
-        """One optimizer step on this rank's share of a mini-batch; returns reduced metrics
-        (complete on the last pipeline stage; empty dict elsewhere)."""
+    def train_step(self, batch: RLBatch, step: int, record: Optional[List[dict]] = None) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch; returns this update's scalars
+        (loss, gradient norm, learning rates, skip flags). On the last pipeline stage the detached
+        per-token tensors of the update are appended to ``record`` (when given) for
+        :meth:`step_metrics`, which computes the token metrics once over all updates of the step."""
         algo = self.algo
         batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         micro = self._micro_batches(batch)
@@ -173,6 +176,9 @@ class Actor:
         # the schedule: DP reduction, SP/QK-norm TP reduction, tied-embedding reduction across PP.
         self._run_schedule(micro, forward_only=False, loss_fn=loss_fn, perturb_step=perturb)
         loss_sum = torch.stack([s["loss"] for s in stash]).sum() if stash else torch.zeros(())
+        if record is not None and self.is_last_stage and stash:
+            record.append({"lp": [s["lp"] for s in stash], "ent": [s["ent"] for s in stash],
+                           "mb": [s["mb"] for s in stash]})
         if any_rank(not bool(torch.isfinite(loss_sum))):  # every rank skips together
             self.optimizer.zero_grad()
             return {"train/nonfinite_loss": 1.0, "train/skipped_step": 1.0}
@@ -187,30 +193,42 @@ class Actor:
         for i, lr in enumerate(self.optimizer.lrs()):
             metrics[f"train/lr_group{i}"] = lr
         if self.is_last_stage and stash:
-            metrics.update(self._metrics(stash, loss_sum))
+            total = loss_sum.clone().to(torch.float64)
+            dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+            metrics["train/loss"] = float(total)
         return metrics
 
-    def _metrics(self, stash: List[dict], loss_sum: torch.Tensor) -> Dict[str, float]:
+    def step_metrics(self, record: List[dict]) -> Dict[str, object]:
+        """Token metrics of one RL step from the ``record`` that :meth:`train_step` filled: computed
+        once over every token of every update on every DP rank (exact quantiles, summed counts,
+        token-weighted means), plus ``ratio/k*_first_update`` (pi vs mu on the first update alone:
+        before any optimizer step of this rollout, so mismatch plus ALP's perturbation). Collective
+        over the data-parallel group on the last pipeline stage; empty dict elsewhere."""
+        if not (self.is_last_stage and record):
+            return {}
         dp = self.ps.get_data_parallel_group()
-        L = max(s["lp"].shape[1] for s in stash)
+        out = self._compute(record, dp)
+        first = self._compute(record[:1], dp, objective_internals=False)
+        for k in ("k1", "k2", "k3"):
+            out[f"ratio/{k}_first_update"] = first[f"ratio/{k}"]
+        return {k: (v.tolist() if v.dim() else float(v)) for k, v in out.items()}
 
-        def cat(key_fn):
-            parts = [key_fn(s) for s in stash]
+    def _compute(self, record: List[dict], dp, objective_internals: bool = True) -> Dict[str, torch.Tensor]:
+        lps = [lp for r in record for lp in r["lp"]]
+        mbs = [mb for r in record for mb in r["mb"]]
+        L = max(p.shape[1] for p in lps)
+
+        def cat(parts):
             if any(p is None for p in parts):
                 return None
             return torch.cat([torch.nn.functional.pad(p, (0, L - p.shape[1])) for p in parts])
 
-        lp = cat(lambda s: s["lp"])
-        mb_cat = lambda name: cat(lambda s: getattr(s["mb"], name))  # noqa: E731
-        mask = mb_cat("loss_mask")
-        adv = torch.cat([s["mb"].advantages for s in stash])
-        out = compute_metrics(
-            lp, mb_cat("rollout_logp"), mask, old_logp=mb_cat("old_logp"), advantages=adv,
-            entropy=cat(lambda s: s["ent"]), objective=self.algo.objective, hparams=self.hparams,
-            dppo_delta=self.algo.dppo_delta, group=dp,
+        def mb_cat(name):
+            return cat([getattr(mb, name) for mb in mbs])
+
+        hp = dict(objective=self.algo.objective, hparams=self.hparams) if objective_internals else {}
+        return compute_metrics(
+            cat(lps), mb_cat("rollout_logp"), mb_cat("loss_mask"), old_logp=mb_cat("old_logp"),
+            base_logp=mb_cat("base_logp"), advantages=torch.cat([mb.advantages for mb in mbs]),
+            entropy=cat([e for r in record for e in r["ent"]]), dppo_delta=self.algo.dppo_delta, group=dp, **hp,
         )
-        total = loss_sum.clone().to(torch.float64)
-        dist.all_reduce(total, group=dp)
-        result = {k: (v.tolist() if v.dim() else float(v)) for k, v in out.items()}
-        result["train/loss"] = float(total)
-        return result

@@ -51,12 +51,17 @@ class RolloutDriver:
 
     def rollout(self, step: int, weight_version: int) -> Tuple[RLBatch, Dict[str, float]]:
         """Generate ``prompts_per_step x n_samples`` samples, score them, compute advantages."""
-        from rollout.aio import run_sync
+        from rollout.aio import submit
 
         cfg = self.cfg
         prompts = self.stream.next_batch(cfg.run.prompts_per_step)
         t0 = time.perf_counter()
-        samples = run_sync(self.generator.generate(prompts, seed=cfg.rollout.seed + step))
+        future = submit(self.generator.generate(prompts, seed=cfg.rollout.seed + step))
+        try:
+            samples = future.result()
+        except BaseException:  # abandoned (a stop signal) or failed: no request keeps running
+            future.cancel()
+            raise
         dt = time.perf_counter() - t0
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         adv = compute_advantages(rewards, cfg.algorithm.advantage, group_size=cfg.rollout.n_samples,
@@ -65,6 +70,8 @@ class RolloutDriver:
         return batch, self._metrics(samples, rewards, dt, weight_version)
 
     def _metrics(self, samples, rewards: torch.Tensor, seconds: float, version: int) -> Dict[str, float]:
+        from rollout.generate import reward_failures
+
         n_tok = [s.num_model_tokens for s in samples]
         lengths = [len(s.response_ids) for s in samples]
         stale = []
@@ -73,8 +80,11 @@ class RolloutDriver:
                 stale.append(version - int(s.weight_version))
             except (TypeError, ValueError):
                 pass
+        from rollout.tool_metrics import tool_metrics
+
         groups = rewards.view(-1, self.cfg.rollout.n_samples)
         return {
+            **tool_metrics(samples, self.cfg.rollout.multi_turn.enabled),
             "rollout/reward_mean": rewards.mean().item(),
             "rollout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "rollout/reward_hist": rewards.tolist(),
@@ -83,6 +93,7 @@ class RolloutDriver:
             "rollout/response_len_mean": sum(lengths) / len(lengths),
             "rollout/response_len_max": float(max(lengths)),
             "rollout/truncation_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "rollout/reward_failures": float(reward_failures(samples)),  # definition: rollout.generate
             "rollout/num_samples": float(len(samples)),
             "rollout/staleness_mean": (sum(stale) / len(stale)) if stale else math.nan,
             "rollout/staleness_max": float(max(stale)) if stale else math.nan,
@@ -97,4 +108,5 @@ class RolloutDriver:
             run_sync(self.fleet.close(), timeout=30)
         except Exception:  # noqa: BLE001 - shutting down anyway
             logger.exception("closing the fleet failed")
+        self.generator.close()
         self.engines.stop()

@@ -5,6 +5,7 @@ Bad configs fail in :func:`load_and_check` before any process does heavy work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -55,7 +56,19 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
         logger.warning("algorithm.kl_coef > 0 with a randomly initialised model: the reference is that init")
     if not cfg.model.hf_path and not r.model_path and not r.urls:
         raise ValueError("model.hf_path (HF checkpoint with tokenizer) is needed to start the rollout engines")
+    from ..convert.model_check import check_model_matches_checkpoint
+
+    check_model_matches_checkpoint(cfg.model, cfg.checkpoint.load)  # trainer = checkpoint = engine model
+    _check_output_dirs(cfg)
     return cfg
+
+
+def _check_output_dirs(cfg: Config) -> None:
+    """Directories the run writes must not be existing files (found now, not at the first save)."""
+    for field, path in (("run.output_root", cfg.run.output_root), ("checkpoint.dir", cfg.checkpoint.dir),
+                        ("bus.dir", cfg.bus.dir if cfg.bus.backend == "disk" else None)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{field} = {path} exists and is not a directory")
 
 
 def redacted(cfg: Config) -> Config:
@@ -91,7 +104,9 @@ def load_initial_weights(cfg: Config, model) -> None:
         logger.warning("checkpoint.load is not set: the policy starts from a random init")
         return
     from ..convert import load_megatron_checkpoint
+    from ..convert.model_check import check_model_matches_checkpoint
 
+    check_model_matches_checkpoint(cfg.model, cfg.checkpoint.load)
     load_megatron_checkpoint(model, cfg.checkpoint.load)
 
 
@@ -120,11 +135,22 @@ def setup(cfg: Config) -> Trainer:
     return Trainer(cfg, layout, run_dir, model, ddp, optimizer, actor, ref_actor)
 
 
+class Preempted(Exception):
+    """Raised in the main thread by a stop signal that arrives while the rollout can be abandoned."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT (SLURM preemption): the loop checkpoints at the next step boundary."""
+    """Set by SIGTERM/SIGINT (SLURM preemption, Ctrl-C): the loop checkpoints and stops at the next
+    step boundary, or at once while :meth:`interruptible` (the rollout: nothing trained yet).
+    The engines' own signal handlers are told to leave the stop to us (checkpoint first)."""
 
     def __init__(self):
+        from rollout.engines.processes import leave_signals_to_caller
+
         self.requested = False
+        self.signum: Optional[int] = None
+        self._interruptible = False
+        leave_signals_to_caller()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, self._handler)
@@ -132,8 +158,24 @@ class StopFlag:
                 pass
 
     def _handler(self, signum, frame):
-        logger.warning("signal %d: checkpointing and stopping after this step", signum)
-        self.requested = True
+        if not self.requested:
+            logger.warning("signal %d: checkpointing and stopping (%s)", signum,
+                           "abandoning this step's rollout" if self._interruptible else "after this step")
+        self.requested, self.signum = True, self.signum or signum
+        if self._interruptible:
+            self._interruptible = False
+            raise Preempted(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A block a stop signal may abandon (raising :class:`Preempted` inside it)."""
+        if self.requested:
+            raise Preempted(self.signum)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def any_rank(self) -> bool:
         return any_rank(self.requested)  # a CUDA tensor under NCCL, a CPU one under gloo

@@ -1,4 +1,4 @@
-"""Step-level metrics: merge the mini-batch updates of one step and collect them on rank 0."""
+"""Step-level metrics: merge the per-update scalars of one step and collect them on rank 0."""
 
 from __future__ import annotations
 
@@ -8,37 +8,42 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from ..algo.metrics import reduction_of
 from ..model.alp import is_alp_param
 
 
 def merge_updates(per_update: List[Dict]) -> Dict:
-    """One value per metric over the step's mini-batch updates: max of ``*max*``, min of ``*min*``,
-    concatenation of histograms (lists), mean of the rest."""
+    """One value per metric over the step's mini-batch updates, by the metric's rule
+    (:func:`megatron_alp.algo.metrics.reduction_of`, the only place rules live): counts summed,
+    extremes by min / max, samples concatenated, the rest (loss, gradient norm, learning rate)
+    averaged over the updates with a finite value. Quantiles cannot be merged from per-update
+    values: they are computed once over the whole step (:meth:`Actor.step_metrics`)."""
     keys = sorted({k for m in per_update for k in m})
     out: Dict = {}
     for k in keys:
         vals = [m[k] for m in per_update if k in m]
-        if isinstance(vals[0], list):
+        rule = reduction_of(k)
+        if rule == "quantile":
+            raise ValueError(f"metric {k!r} is a quantile: compute it over the whole step, not per update")
+        if rule == "samples" or isinstance(vals[0], list):
             out[k] = [x for v in vals for x in v]
-        elif "max" in k.rsplit("/", 1)[-1]:
-            out[k] = max(vals)
-        elif "min" in k.rsplit("/", 1)[-1]:
-            out[k] = min(vals)
+        elif rule == "sum":
+            out[k] = float(sum(vals))
+        elif rule in ("min", "max"):
+            out[k] = (min if rule == "min" else max)(vals)
         else:
             finite = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
             out[k] = sum(finite) / len(finite) if finite else math.nan
-    if per_update:
-        # The first update sees the policy before any step of this rollout: pi vs mu there is the
-        # training-inference mismatch alone (plus ALP's perturbation), later ones add staleness.
-        for k, v in per_update[0].items():
-            if k.startswith("mismatch/") and not isinstance(v, list):
-                out[f"{k}_first_update"] = v
     return out
 
 
-def merge_step_metrics(per_update: List[Dict], src_rank: int) -> Dict:
-    """Merged metrics of the rank that holds them (``src_rank``), delivered to every rank."""
-    box = [merge_updates(per_update) if dist.get_rank() == src_rank else None]
+def merge_step_metrics(per_update: List[Dict], step_level: Dict, src_rank: int) -> Dict:
+    """The merged per-update scalars and the step-level token metrics of the rank that holds them
+    (``src_rank``: the last pipeline stage's first rank), delivered to every rank."""
+    if dist.get_rank() == src_rank:
+        merged = merge_updates(per_update)
+        merged.update(step_level)
+    box = [merged if dist.get_rank() == src_rank else None]
     dist.broadcast_object_list(box, src=src_rank)
     return box[0]
 

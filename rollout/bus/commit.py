@@ -170,7 +170,7 @@ async def commit(fleet, version, apply: Apply, *, retries: int = 1, on_failure: 
                 if applied.get(url):  # it loaded the version but failed verification: not the old weights
                     fleet.drop(url, f"loaded version {version} but failed verification: {errors[url]}")
                     report.dropped[url] = errors[url]
-            await fleet.resume()
+            await fleet.resume(flush=True)
         raise CommitError(version, errors, f"no engine took the version: rejected, the fleet stays on "
                                            f"version {fleet.committed_version}")
     if errors and on_failure == "stop":
@@ -181,7 +181,7 @@ async def commit(fleet, version, apply: Apply, *, retries: int = 1, on_failure: 
         fleet.drop(url, f"could not take weight version {version}: {msg}", keep_paused=True)
         report.dropped[url] = msg
     report.committed = ok
-    await fleet.resume()
+    await fleet.resume(flush=True)
     report.seconds = time.perf_counter() - t0
     logger.info("bus: version %s committed on %d engine(s) in %.2f s%s", version, len(ok), report.seconds,
                 f"; dropped {sorted(errors)}" if errors else "")
@@ -197,16 +197,46 @@ async def begin_session(fleet, pause_mode: str = "abort") -> Dict[str, str]:
     return {c.url: f"begin_weight_update: {r}" for c, r in zip(clients, res) if isinstance(r, BaseException)}
 
 
-def disk_apply(path: str, version) -> Apply:
-    """Apply for the disk backend: /update_weights_from_disk of the version directory."""
+NOT_FLUSHED = "the cache was not flushed"  # SGLang 0.5.23 WeightUpdater.flush_cache_after_weight_update
+
+
+def disk_apply(path: str, version, pause_mode: str = "abort") -> Apply:
+    """Apply for the disk backend: /update_weights_from_disk of the version directory.
+
+    With ``pause_mode: in_place`` the paused requests still hold the engine, and SGLang refuses the
+    flush that ``flush_cache: true`` asks for with HTTP 400 *after* loading the weights (the version
+    is then not stamped). So in_place sends ``flush_cache: false``; the fleet flushes once the
+    paused requests are done (``Fleet.resume(flush=True)``). Should an engine still answer that 400,
+    the weights are loaded: the version is stamped and the flush is left to the resume as well.
+    """
+    from ..engines.protocol import EngineHTTPError
+
     async def apply(client):
-        return await client.update_weights_from_disk(path, weight_version=str(version))
+        try:
+            return await client.update_weights_from_disk(path, weight_version=str(version),
+                                                         flush_cache=pause_mode != "in_place")
+        except EngineHTTPError as e:
+            if e.status != 400 or NOT_FLUSHED not in str(e):
+                raise
+            logger.warning("engine %s loaded version %s but could not flush (requests running); stamping the "
+                           "version, the flush follows when they finish", client.url, version)
+            return await client.update_weight_version(str(version), abort_all_requests=False)
     return apply
 
 
 def session_apply(version) -> Apply:
-    """Apply after a distributed transfer: close the session, then stamp the version."""
+    """Apply after a distributed/tensor transfer: close the session, then stamp the version. The
+    buckets were sent with ``flush_cache: false`` (SGLang would flush, or fail, after every bucket);
+    the commit flushes once, before any request is released (``Fleet.resume(flush=True)``)."""
+    from ..engines.protocol import EngineHTTPError
+
     async def apply(client):
         await client.end_weight_update()
-        return await client.update_weight_version(str(version))
+        out = await client.update_weight_version(str(version), abort_all_requests=False)
+        try:  # before a spot check generates on this engine; refused (400) while in_place requests run
+            await client.flush_cache()
+        except EngineHTTPError as e:
+            if e.status != 400:
+                raise
+        return out
     return apply

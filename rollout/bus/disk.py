@@ -59,6 +59,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
 
 
+def looks_like_version_dir(path: str) -> bool:
+    """Whether ``path`` is named as a bus version directory (published ``v00000012`` or staged
+    ``.tmp-v00000012-...``): such a directory must carry its manifest to be loaded."""
+    name = os.path.basename(os.path.normpath(path))
+    name = name[len(".tmp-"):] if name.startswith(".tmp-") else name
+    return len(name) >= 9 and name[0] == "v" and name[1:9].isdigit() and (len(name) == 9 or name[9] == "-")
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -105,8 +105,11 @@ def join_update_group(master_address: str, master_port: int, rank: int, world_si
     if backend not in ("gloo", "nccl"):
         raise BusError(f"weight-update group backend must be gloo or nccl, got {backend!r}")
     timeout = datetime.timedelta(seconds=timeout_s)
+    # Every non-master rank registers as a worker (``wait_for_workers``; it does not block a client):
+    # a rank 0 formed by torch's tcp:// rendezvous, as SGLang's init_custom_process_group and slime
+    # form it, waits for world_size registrations before anything else. Our own rank 0 does not wait.
     store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0),
-                          timeout=timeout, wait_for_workers=False)
+                          timeout=timeout, wait_for_workers=(rank != 0), multi_tenant=True)
     # The prefixes SGLang's init_custom_process_group and torch's _new_process_group_helper add.
     prefixed = dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store))
     if backend == "gloo":

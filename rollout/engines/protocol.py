@@ -74,6 +74,8 @@ class GenerateOutput:
     """Decoded text (absent with --skip-tokenizer-init)."""
     rid: Optional[str] = None
     """Request id (`meta_info.id`)."""
+    cached_tokens: int = 0
+    """`meta_info.cached_tokens`: prompt tokens whose KV the engine's prefix (radix) cache supplied."""
 
 
 def sampling_params(
@@ -179,6 +181,7 @@ def parse_generate(obj: Any, engine: str, *, expect_logprobs: bool = True) -> Ge
         prompt_tokens=int(meta.get("prompt_tokens") or 0),
         text=obj.get("text"),
         rid=meta.get("id"),
+        cached_tokens=int(meta.get("cached_tokens") or 0),
     )
 
 

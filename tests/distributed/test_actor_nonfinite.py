@@ -25,7 +25,9 @@ def _world(rank, world_size):
     with torch.no_grad():  # poison one weight: every logit, hence the loss, becomes NaN
         model.decoder.final_layernorm.weight[0] = float("nan")
     before = full_state_dict(model, V)
-    bad_metrics = actor.train_step(batch, step=1)
+    record = []
+    bad_metrics = actor.train_step(batch, step=1, record=record)
+    bad_metrics.update(actor.step_metrics(record))
     after = full_state_dict(model, V)
     unchanged = all(torch.equal(before[k], after[k]) or (torch.isnan(before[k]) == torch.isnan(after[k])).all()
                     and torch.equal(torch.nan_to_num(before[k]), torch.nan_to_num(after[k])) for k in before)

@@ -29,6 +29,9 @@ class Engine:
     async def update_weight_version(self, v, **kw):
         self.version = v
 
+    async def flush_cache(self):
+        self.calls.append(("flush",))
+
     async def weight_version(self):
         return self.version
 

@@ -19,10 +19,24 @@ EXP = CONFIG_ROOT / "experiments"
 REPO = CONFIG_ROOT.parent
 # config, nodes, trainer nodes, (tp, pp, dp), engines in all, estimated GB per trainer GPU
 JOBS = {
-    "7b": ("train_7b_alp.yaml", 4, 2, (4, 1, 4), 16, 35.6),
-    "32b": ("train_32b_alp.yaml", 8, 4, (8, 1, 4), 8, 50.2),
+    "7b": ("train_7b_alp.yaml", 4, 2, (4, 1, 4), 16, 33.1),
+    "32b": ("train_32b_alp.yaml", 8, 4, (8, 1, 4), 8, 48.7),
     "70b": ("train_70b_alp.yaml", 16, 8, (8, 4, 2), 16, 35.5),
 }
+
+
+def _verl_parquet(path, label=True):
+    """Two records in verl's layout (chat-message prompt, answer at reward_model.ground_truth)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "data_source": "t",
+             "answer": str(i + 1), "reward_model": {"style": "rule", "ground_truth": str(i + 1)}} for i in range(2)]
+    if not label:
+        for r in rows:
+            r.pop("answer")
+            r["reward_model"] = {"style": "rule"}
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
 
 
 @pytest.fixture
@@ -32,7 +46,7 @@ def paths(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     (tmp_path / "mcore").mkdir()
-    (tmp_path / "data.parquet").write_text("")
+    _verl_parquet(tmp_path / "data.parquet")
     # run/bus: a creatable path outside the node-local prefixes (the configs' relative defaults
     # would resolve under the checkout, which CI may place in /tmp). Nothing is created there.
     shared = os.path.join(os.path.expanduser("~"), ".alp-plan-test")
@@ -134,3 +148,13 @@ def test_shell_dry_run_of_the_7b_script():
     outside = subprocess.run(["bash", "slurm/train_7b_alp.sh"], cwd=REPO, capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "ALP_PYTHON": sys.executable})
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+
+
+def test_dry_run_refuses_missing_labels_and_a_stop_set_without_end_of_turn(paths, tmp_path):
+    unlabeled = tmp_path / "unlabeled.parquet"
+    _verl_parquet(unlabeled, label=False)
+    c = check_job(_spec("7b", [*paths, f"rollout.data.path={unlabeled}"]))
+    assert any("rollout.data.label_key = reward_model.ground_truth: 2 of 2 records" in p for p in c.problems)
+    c = check_job(_spec("7b", [*paths, "rollout.stop_token_ids=[151643]"]))
+    assert any("lacks the chat template's end-of-turn token <|im_end|> (151645)" in p for p in c.problems)
+    assert check_job(_spec("7b", paths)).ok

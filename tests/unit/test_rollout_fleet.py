@@ -46,11 +46,20 @@ class FakeEngine:
     async def continue_generation(self):
         self.calls.append(("continue",))
 
-    async def update_weights_from_disk(self, path, *, weight_version=None, **kw):
-        self.calls.append(("update", path, weight_version))
+    async def update_weights_from_disk(self, path, *, weight_version=None, flush_cache=True, **kw):
+        self.calls.append(("update", path, weight_version) + (() if flush_cache else ("no-flush",)))
         if self.fail_update:
             raise RuntimeError("disk full")
         self.version = weight_version
+
+    async def update_weight_version(self, version, **kw):
+        self.version = version
+
+    async def flush_cache(self):
+        """SGLang refuses a flush (400) while a request runs."""
+        self.calls.append(("flush", self.in_flight))
+        if self.in_flight:
+            raise EngineHTTPError(self.url, 400, "Flush cache failed.")
 
     async def weight_version(self):
         return self.version
@@ -155,7 +164,28 @@ def test_update_pauses_updates_verifies_continues_and_holds_new_requests():
     out, versions = run(main())
     assert out.weight_version == "3" and versions == {"http://a": "3", "http://b": "3"}
     for e in engines:
-        assert e.calls == [("pause", "retract"), ("update", "/ckpt/3", "3"), ("continue",)]
+        assert e.calls == [("pause", "retract"), ("update", "/ckpt/3", "3"), ("continue",), ("flush", 0)]
+
+
+def test_in_place_update_flushes_after_the_paused_requests_finish():
+    """in_place: the running request keeps going (SGLang keeps its KV), the update does not ask for a
+    flush SGLang would refuse, and new requests wait until the engine has flushed."""
+    eng = FakeEngine("http://a", delay=0.3)
+
+    async def main():
+        fleet = Fleet([eng])
+        running = asyncio.ensure_future(fleet.generate([1], {}))
+        while not eng.in_flight:
+            await asyncio.sleep(0.01)
+        await fleet.update_weights_from_disk("/ckpt/5", "5", pause_mode="in_place")
+        assert running.done()  # the update returned only after the flush, i.e. after it finished
+        return await fleet.generate([1], {})
+
+    out = run(main())
+    assert out.weight_version == "5"
+    assert eng.calls[:3] == [("pause", "in_place"), ("update", "/ckpt/5", "5", "no-flush"), ("continue",)]
+    flushes = [c for c in eng.calls if c[0] == "flush"]
+    assert flushes[0] == ("flush", 1) and flushes[-1] == ("flush", 0)  # refused while running, then done
 
 
 def test_failed_update_raises_after_continuing():
@@ -190,3 +220,30 @@ def test_server_errors_fail_over_but_request_errors_propagate():
     outs, live = run(main())
     assert all(o.engine == "http://b" for o in outs)
     assert live == ["http://b"]  # `a` answers /health but failed 3 requests in a row: dropped
+
+
+def test_sticky_handles_keep_every_turn_on_one_engine_and_fail_over():
+    engines = [FakeEngine(f"e{i}") for i in range(3)]
+
+    async def main():
+        fleet = Fleet(engines)
+        handles = [fleet.sticky(f"s{k}") for k in range(6)]
+
+        async def sample(h):
+            served = []
+            for _ in range(4):  # four turns, interleaved with the other samples
+                served.append((await h.generate([1], {})).engine)
+            return served
+
+        paths = await asyncio.gather(*(sample(h) for h in handles))
+        assert all(len(set(p)) == 1 for p in paths)  # least-loaded would spread a sample's turns
+        assert sorted(p[0] for p in paths) == ["e0", "e0", "e1", "e1", "e2", "e2"]  # first turns balanced
+        first = handles[0]
+        home = paths[0][0]
+        next(e for e in engines if e.url == home).dead = True
+        other = (await first.generate([1], {})).engine
+        assert other != home and (await first.generate([1], {})).engine == other  # re-homed, sticky again
+        first.release()
+        assert "s0" not in fleet._sticky and len(fleet._sticky) == 5
+
+    asyncio.run(main())

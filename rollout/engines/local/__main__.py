@@ -26,6 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--weight-version", default="default", help="initial weight_version")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-n", type=int, default=64, help="largest sampling_params.n accepted (400 above)")
+    p.add_argument("--max-request-tokens", type=int, default=1 << 20,
+                   help="largest prompt + max_new_tokens summed over one request's sequences (400 above)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=1 << 16,
+                   help="tokens of prompt KV kept for prefix reuse (0 = off, like --disable-radix-cache)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -33,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"python -m rollout.engines.local: --model {args.model!r} is not a directory")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.getLogger(__name__).warning("binding %s without --api-key exposes weight updates", args.host)
 
@@ -42,17 +49,20 @@ def main(argv=None) -> None:
     from .app import build_app
     from .runner import LocalModel
     from .scheduler import Scheduler
-    from .server import LocalEngine
+    from .server import Limits, LocalEngine
 
     torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-    model = LocalModel(args.model, precision=args.precision, seed=args.random_seed)
+    model = LocalModel(args.model, precision=args.precision, seed=args.random_seed,
+                       prefix_cache_tokens=args.prefix_cache_tokens)
     scheduler = Scheduler(model, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
     info = {"served_model_name": args.served_model_name or args.model, "host": args.host, "port": args.port,
             "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
             "random_seed": args.random_seed}
-    engine = LocalEngine(model, scheduler, weight_version=args.weight_version, api_key=args.api_key, info=info)
+    engine = LocalEngine(model, scheduler, weight_version=args.weight_version, api_key=args.api_key, info=info,
+                         limits=Limits(max_n=args.max_n, max_request_tokens=args.max_request_tokens))
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests
     web.run_app(build_app(engine), host=args.host, port=args.port, print=None, access_log=None,
-                shutdown_timeout=2.0)
+                shutdown_timeout=2.0, handler_cancellation=True)
 
 
 if __name__ == "__main__":

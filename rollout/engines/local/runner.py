@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Set
 import torch
 
 from .fp8 import apply_fp8_emulation, dequantize_fp8_state, requantize_weights
+from .prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class Request:
     input_logprobs: List[list] = field(default_factory=list)
     finish: Optional[Dict[str, Any]] = None
     matched_str: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    options: Dict[str, Any] = field(default_factory=dict)  # the normalized sampling_params
+    on_token: Optional[Any] = None  # called (worker thread) after each generated token, for streaming
 
 
 @dataclass
@@ -69,13 +73,16 @@ class Batch:
 class LocalModel:
     """An HF causal LM held for generation (no grad), with the engine's precision applied."""
 
-    def __init__(self, model_path: str, precision: str = "fp32", seed: int = 0):
+    def __init__(self, model_path: str, precision: str = "fp32", seed: int = 0,
+                 prefix_cache_tokens: int = 1 << 16):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
         self._cache_cls = DynamicCache
-        self.model_path = model_path
+        self.model_path = self.tokenizer_path = model_path
+        self.weights_epoch = 0  # +1 per weight load: tells which weights computed a cached KV
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.precision = precision
         self.dtype = DTYPES[precision]
         config = AutoConfig.from_pretrained(model_path)
@@ -134,9 +141,18 @@ class LocalModel:
             tensors.update(load_file(f))
         return tensors
 
-    def load_weights_from_dir(self, path: str) -> int:
-        """Load every ``*.safetensors`` of ``path`` into the model (names and shapes must match)."""
-        return self.load_tensors(self.read_weights_dir(path))
+    def load_weights_from_dir(self, path: str, complete: bool = False) -> int:
+        """Load every ``*.safetensors`` of ``path`` into the model (names and shapes must match);
+        with ``complete`` every parameter of the model must be there (a partial directory would
+        leave a mix of old and new weights)."""
+        tensors = self.read_weights_dir(path)
+        if complete:
+            have = {n for n in tensors if not n.endswith(".weight_scale_inv")}
+            missing = sorted(n for n, _ in self.model.named_parameters() if n not in have)
+            if missing:
+                raise KeyError(f"{path} lacks {len(missing)} of the model's {len(list(self.model.parameters()))} "
+                               f"tensors, e.g. {missing[:3]}")
+        return self.load_tensors(tensors)
 
     def load_tensors(self, tensors: Dict[str, torch.Tensor]) -> int:
         """Copy named tensors into the model, all or nothing: every name and shape is checked
@@ -150,6 +166,7 @@ class LocalModel:
             if tuple(t.shape) != tuple(params[name].shape):
                 raise ValueError(f"{name}: shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
         with torch.no_grad():
+            self.weights_epoch += 1
             for name, t in tensors.items():
                 params[name].copy_(t.to(params[name].dtype))
         if self.fp8_names:
@@ -174,28 +191,36 @@ class LocalModel:
         logp = torch.log_softmax(logits / temps[:, None], dim=-1)
         tokens = []
         for i, r in enumerate(reqs):
-            if r.temperature <= GREEDY_EPS or r.top_k == 1:
-                tok = int(torch.argmax(logits[i]))
-            else:
-                probs = logp[i].exp()
-                if 0 < r.top_k < probs.numel():
-                    kth = torch.topk(probs, r.top_k).values[-1]
-                    probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-                if r.top_p < 1.0:
-                    sp, idx = torch.sort(probs, descending=True)
-                    cum = torch.cumsum(sp, 0) / sp.sum()
-                    drop = (cum - sp / sp.sum()) >= r.top_p  # keep the smallest prefix reaching top_p
-                    probs = probs.scatter(0, idx[drop], 0.0)
-                if r.min_p > 0.0:
-                    probs = torch.where(probs >= r.min_p * probs.max(), probs, torch.zeros_like(probs))
-                tok = int(torch.multinomial(probs, 1, generator=r.generator or self.generator))
-            tokens.append(tok)
-            if r.return_logprob:
-                r.logprobs.append(float(logp[i, tok]))
-                if r.top_logprobs_num > 0:
-                    v, ix = torch.topk(logp[i], min(r.top_logprobs_num, logp.shape[-1]))
-                    r.top_logprobs.append([[float(a), int(b), None] for a, b in zip(v, ix)])
+            try:
+                tokens.append(self._sample_row(logits[i], logp[i], r))
+            except Exception as e:  # this request fails alone; its row samples nothing more
+                logger.exception("sampling failed for request %s", r.rid)
+                r.finish = {"type": "abort", "message": f"sampling failed: {type(e).__name__}: {e}"}
+                tokens.append(0)
         return tokens
+
+    def _sample_row(self, logits: torch.Tensor, logp: torch.Tensor, r: Request) -> int:
+        if r.temperature <= GREEDY_EPS or r.top_k == 1:
+            tok = int(torch.argmax(logits))
+        else:
+            probs = logp.exp()
+            if 0 < r.top_k < probs.numel():
+                kth = torch.topk(probs, r.top_k).values[-1]
+                probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+            if r.top_p < 1.0:
+                sp, idx = torch.sort(probs, descending=True)
+                cum = torch.cumsum(sp, 0) / sp.sum()
+                drop = (cum - sp / sp.sum()) >= r.top_p  # keep the smallest prefix reaching top_p
+                probs = probs.scatter(0, idx[drop], 0.0)
+            if r.min_p > 0.0:
+                probs = torch.where(probs >= r.min_p * probs.max(), probs, torch.zeros_like(probs))
+            tok = int(torch.multinomial(probs, 1, generator=r.generator or self.generator))
+        if r.return_logprob:
+            r.logprobs.append(float(logp[tok]))
+            if r.top_logprobs_num > 0:
+                v, ix = torch.topk(logp, min(r.top_logprobs_num, logp.shape[-1]))
+                r.top_logprobs.append([[float(a), int(b), None] for a, b in zip(v, ix)])
+        return tok
 
     def _append(self, r: Request, tok: int) -> None:
         r.output_ids.append(tok)
@@ -210,42 +235,100 @@ class LocalModel:
             r.finish = {"type": "length", "length": r.max_new_tokens}
         if r.finish is None and len(r.input_ids) + len(r.output_ids) >= self.max_len:
             r.finish = {"type": "length", "length": len(r.output_ids)}
+        if r.on_token is not None:
+            r.on_token()
 
     @torch.no_grad()
     def prefill(self, reqs: List[Request]) -> Batch:
-        """Run the prompts of ``reqs`` (left-padded) and sample their first tokens."""
-        lens = [len(r.input_ids) for r in reqs]
-        width = max(lens)
-        ids = torch.zeros(len(reqs), width, dtype=torch.long)
-        mask = torch.zeros(len(reqs), width, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - lens[i]:] = torch.tensor(r.input_ids)
-            mask[i, width - lens[i]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        want_input = any(r.return_logprob and r.logprob_start_len >= 0 for r in reqs)
+        """Prefill ``reqs`` and sample their first tokens (a retracted request resumes: its prompt
+        plus what it generated is recomputed). With the prefix cache on, distinct sequences are
+        computed first and repeats of one sequence (a GRPO group) then reuse its KV."""
+        if self.prefix_cache is None:
+            return self._prefill(reqs, [(0, None)] * len(reqs))
+        seqs = [tuple(r.input_ids + r.output_ids) for r in reqs]
+        first, rest, seen = [], [], set()
+        for r, seq in zip(reqs, seqs):
+            (rest if seq in seen else first).append(r)
+            seen.add(seq)
+        batch = self._prefill(first, [self._match(r) for r in first])
+        if rest:
+            batch = self.merge(batch, self._prefill(rest, [self._match(r) for r in rest]))
+        return batch
+
+    def _match(self, r: Request):
+        seq = r.input_ids + r.output_ids
+        limit = len(seq) - 1
+        if r.return_logprob and r.logprob_start_len >= 0 and not r.output_ids:
+            limit = min(limit, r.logprob_start_len)
+        return self.prefix_cache.match(seq, limit, self.weights_epoch)
+
+    def _prefill(self, reqs: List[Request], hits) -> Batch:
+        """One forward for rows of (cached prefix KV, new tokens): row i is laid out as
+        [pad, cached L_i, pad, new S_i] with the padding masked, so every row ends at the last column."""
+        seqs = [r.input_ids + r.output_ids for r in reqs]
+        cached = [n for n, _ in hits]
+        news = [len(q) - n for q, n in zip(seqs, cached)]
+        P, S = max(cached), max(news)
+        ids = torch.zeros(len(reqs), S, dtype=torch.long)
+        mask = torch.zeros(len(reqs), P + S, dtype=torch.long)
+        pos = torch.zeros(len(reqs), S, dtype=torch.long)
+        for i, (q, n, s) in enumerate(zip(seqs, cached, news)):
+            ids[i, S - s:] = torch.tensor(q[n:])
+            mask[i, P - n:P] = 1
+            mask[i, P + S - s:] = 1
+            pos[i, S - s:] = torch.arange(n, n + s)
         cache = self._cache_cls()
+        if P:
+            cache = self._cache_cls(ddp_cache_data=self._stack_prefix(hits, P))
+        want_input = any(r.return_logprob and r.logprob_start_len >= 0 and not r.output_ids for r in reqs)
         logits = self._forward(ids, mask, pos, cache, all_logits=want_input)
         if want_input:
-            self._input_logprobs(logits, reqs, lens, width)
+            self._input_logprobs(logits, reqs, cached, news, S)
+        if self.prefix_cache is not None:
+            for i, (q, s) in enumerate(zip(seqs, news)):
+                kv = [(torch.cat([layer.keys[i:i + 1, :, P - cached[i]:P], layer.keys[i:i + 1, :, P + S - s:]], 2),
+                       torch.cat([layer.values[i:i + 1, :, P - cached[i]:P], layer.values[i:i + 1, :, P + S - s:]], 2))
+                      for layer in cache.layers]
+                self.prefix_cache.insert(q, kv, self.weights_epoch)
         toks = self._sample(logits[:, -1], reqs)
-        for r, t in zip(reqs, toks):
+        for r, t, n in zip(reqs, toks, cached):
+            if not r.output_ids:
+                r.cached_tokens = n
+            if r.finish is not None:  # the sampler failed on this row: it leaves alone
+                continue
             if r.max_new_tokens <= 0:  # prompt log-probs only
                 r.logprobs.clear()
                 r.top_logprobs.clear()
                 r.finish = {"type": "length", "length": 0}
             else:
                 self._append(r, t)
-        return Batch(reqs, cache, mask, torch.tensor(lens), torch.tensor(toks))
+        return Batch(reqs, cache, mask, torch.tensor([len(q) for q in seqs]), torch.tensor(toks))
 
-    def _input_logprobs(self, logits, reqs, lens, width) -> None:
+    def _stack_prefix(self, hits, P: int):
+        """The cached KV of each row, left-padded with zeros to ``P`` positions, stacked per layer."""
+        layers = next(kv for _, kv in hits if kv is not None)
+        data = []
+        for li, (k0, v0) in enumerate(layers):
+            ks, vs = [], []
+            for n, kv in hits:
+                k = kv[li][0] if kv is not None else k0[:, :, :0]
+                v = kv[li][1] if kv is not None else v0[:, :, :0]
+                pad = P - k.shape[2]
+                ks.append(torch.cat([k.new_zeros(1, k.shape[1], pad, k.shape[3]), k], 2))
+                vs.append(torch.cat([v.new_zeros(1, v.shape[1], pad, v.shape[3]), v], 2))
+            data.append((torch.cat(ks), torch.cat(vs)))
+        return data
+
+    def _input_logprobs(self, logits, reqs, cached, news, S) -> None:
         for i, r in enumerate(reqs):
-            if not (r.return_logprob and r.logprob_start_len >= 0):
+            if not (r.return_logprob and r.logprob_start_len >= 0) or r.output_ids:
                 continue
             temp = r.temperature if r.temperature > GREEDY_EPS else 1.0
-            lp = torch.log_softmax(logits[i, width - lens[i]:] / temp, dim=-1)
-            start = min(r.logprob_start_len, lens[i] - 1)
-            r.input_logprobs = [[None if j == 0 else float(lp[j - 1, r.input_ids[j]]), r.input_ids[j], None]
-                                for j in range(start, lens[i])]
+            lp = torch.log_softmax(logits[i, S - news[i]:] / temp, dim=-1)  # lp[j] predicts token cached+j+1
+            n, total = cached[i], len(r.input_ids)
+            start = min(r.logprob_start_len, total - 1)
+            r.input_logprobs = [[None if j == 0 else float(lp[j - 1 - n, r.input_ids[j]]), r.input_ids[j], None]
+                                for j in range(start, total)]
 
     @torch.no_grad()
     def decode(self, b: Batch) -> None:
@@ -254,7 +337,8 @@ class LocalModel:
         logits = self._forward(b.pending[:, None], b.mask, b.pos[:, None], b.cache)
         toks = self._sample(logits[:, -1], b.reqs)
         for r, t in zip(b.reqs, toks):
-            self._append(r, t)
+            if r.finish is None:
+                self._append(r, t)
         b.pos = b.pos + 1
         b.pending = torch.tensor(toks)
 

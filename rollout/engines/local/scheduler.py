@@ -41,6 +41,8 @@ class Scheduler:
         self._draining = False
         self._exclusive = False
         self._busy = False  # a step is in progress
+        self._steps_done = 0  # steps finished (a flush waits for at most the one in progress)
+        self._new: list = []  # requests being prefilled by the step in progress
         self._abort_all = False
         self._abort_rids: set = set()
         self._stop = False
@@ -70,6 +72,36 @@ class Scheduler:
             self._paused = True
             self._cv.notify_all()
             self._cv.wait_for(lambda: not self._busy and (mode != "abort" or not self._abort_all))
+            if mode == "retract" and self._batch is not None:
+                # SGLang retracts running requests to the waiting queue, freeing their KV; they are
+                # recomputed (prompt + tokens so far) when generation continues.
+                self._queue.extendleft(reversed(self._batch.reqs))
+                self._batch = None
+
+    def can_flush(self, ignore_waiting: bool = False) -> bool:
+        """SGLang's ``is_fully_idle(ignore_waiting=paused)``: no running batch, and no queued request
+        unless paused. A weight update passes ``ignore_waiting``: in SGLang the requests it makes
+        wait are held before the scheduler (the tokenizer manager's model-update lock)."""
+        with self._cv:
+            return self._idle(ignore_waiting)
+
+    def _idle(self, ignore_waiting: bool) -> bool:
+        """Under the lock, after the step in progress (SGLang checks between two steps): no request
+        in the batch or being prefilled, none queued unless paused / ``ignore_waiting``."""
+        step = self._steps_done
+        self._cv.wait_for(lambda: not self._busy or self._steps_done != step)
+        return self._batch is None and not self._new and not (self._queue and not (self._paused or ignore_waiting))
+
+    def flush_cache(self, ignore_waiting: bool = False) -> bool:
+        """SGLang's Scheduler.flush_cache: empty the prefix cache only when :meth:`can_flush`."""
+        with self._cv:
+            if not self._idle(ignore_waiting):
+                logger.warning("Cache not flushed because there are pending requests. #queue-req: %d, "
+                               "#running-req: %d", len(self._queue), len(self._batch) if self._batch else 0)
+                return False
+            if self.model.prefix_cache is not None:
+                self.model.prefix_cache.flush()
+            return True
 
     def resume(self) -> None:
         with self._cv:
@@ -144,7 +176,8 @@ class Scheduler:
         while True:
             with self._cv:
                 self._apply_aborts()
-                self._busy = False
+                self._busy, self._new = False, []
+                self._steps_done += 1
                 self._cv.notify_all()
                 self._cv.wait_for(lambda: self._stop or self._runnable() or self._abort_all or bool(self._abort_rids))
                 if self._stop:
@@ -164,17 +197,34 @@ class Scheduler:
                 while self._queue and room > 0 and not self._draining:
                     new.append(self._queue.popleft())
                     room -= 1
+                self._new = new
             try:
                 self._step(new)
             except Exception as e:
                 logger.exception("generation step failed")
                 self._fail_all(new, e)
 
+    def _prefill(self, new) -> None:
+        """Prefill ``new``; if that fails, each request alone, so a failure fails only its own."""
+        try:
+            self._collect(self.model.prefill(new), joined=True)
+        except Exception as e:
+            logger.warning("prefill of %d request(s) failed (%s); retrying them one by one", len(new), e)
+            for r in new:
+                try:
+                    if len(new) == 1:
+                        raise e
+                    self._collect(self.model.prefill([r]), joined=True)
+                except Exception as err:
+                    logger.exception("request %s failed", r.rid)
+                    r.finish = {"type": "abort", "message": f"engine error: {type(err).__name__}: {err}"}
+                    self._finish(r)
+        self.stats["prefills"] += 1
+
     def _step(self, new) -> None:
         m = self.model
         if new:
-            self._collect(m.prefill(new), joined=True)
-            self.stats["prefills"] += 1
+            self._prefill(new)
         if self._batch is not None:
             m.decode(self._batch)
             self.stats["steps"] += 1

@@ -25,12 +25,18 @@ from typing import Any, Dict, Optional
 import torch
 from aiohttp import web
 
+from ...bus.disk import looks_like_version_dir
 from ...bus.distributed import FLATTENED, UpdateGroup, join_update_group, unflatten_bucket
 from ...bus.manifest import BusError, has_manifest, read_manifest, to_dtype
 from ...bus.versions import is_older
 from .server import _json
 
 logger = logging.getLogger(__name__)
+
+# SGLang 0.5.23 WeightUpdater.flush_cache_after_weight_update: the update call fails (400) when
+# its flush is refused, although the weights were loaded.
+NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are still running or queued. "
+               "Retract or finish them, then call /flush_cache.")
 
 
 def _fail(message: str, status: int = 400, **extra) -> web.Response:
@@ -46,6 +52,7 @@ class WeightSync:
         self.groups: Dict[str, UpdateGroup] = {}
         self.session: Optional[Dict[str, torch.Tensor]] = None
         self.session_version: Optional[str] = None
+        self.session_flush = False  # a bucket asked for flush_cache: flush when the session applies
         self._lock = threading.Lock()  # one receive at a time per engine
 
     # -- disk --------------------------------------------------------------------------------
@@ -69,14 +76,27 @@ class WeightSync:
         if has_manifest(path) and is_older(version, engine.weight_version):
             return _fail(f"refusing version {version}: older than the running version {engine.weight_version}",
                          num_paused_requests=0)
+        if not has_manifest(path) and looks_like_version_dir(path):
+            return _fail(f"{path} is named as a bus version but has no bus-manifest.json (unpublished or damaged): "
+                         f"refused", num_paused_requests=0)
         if body.get("abort_all_requests"):
             engine.scheduler.abort(abort_all=True)
+        flush = body.get("flush_cache", True) is not False
+
+        def load():
+            n = engine.model.load_weights_from_dir(path, complete=True)
+            return n, (engine.scheduler.flush_cache(ignore_waiting=True) if flush else True)
+
         try:
-            n = await asyncio.to_thread(engine.scheduler.exclusive, lambda: engine.model.load_weights_from_dir(path))
+            n, flushed = await asyncio.to_thread(engine.scheduler.exclusive, load)
         except Exception as e:
             return _fail(f"update_weights_from_disk({path}) failed, old weights kept: {type(e).__name__}: {e}",
                          num_paused_requests=0)
+        if not flushed:  # loaded, but neither the version nor model_path moves (SGLang: success=False)
+            return _fail(NOT_FLUSHED, num_paused_requests=0)
         message = f"Succeeded to update model weights ({n} tensors from {path})."
+        engine.model.model_path = path  # SGLang's _update_model_path_info
+        engine.info["served_model_name"] = path
         if version is not None:
             engine.weight_version = str(version)
             message += f" Weight version updated to {engine.weight_version}."
@@ -107,7 +127,7 @@ class WeightSync:
     async def begin(self, body: Dict[str, Any]) -> web.Response:
         if self.session is not None:
             return _fail("a weight-update session is already open; call end_weight_update() first")
-        self.session, self.session_version = {}, None
+        self.session, self.session_version, self.session_flush = {}, None, False
         return web.json_response({"success": True, "message": "Success"})
 
     def _receive(self, group: UpdateGroup, body: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -148,17 +168,27 @@ class WeightSync:
         self.session.update(received)
         if body.get("weight_version") is not None:
             self.session_version = str(body["weight_version"])
+        if body.get("flush_cache", True) is not False:
+            self.session_flush = True
+            if not await asyncio.to_thread(self.engine.scheduler.can_flush, True):
+                return _fail(NOT_FLUSHED)
         return web.json_response({"success": True, "message": "Succeeded to update parameter online."})
 
     async def end(self, body: Dict[str, Any]) -> web.Response:
         if self.session is None:
             return _fail("no weight-update session is open; call begin_weight_update() first")
-        staged, version = self.session, self.session_version
+        staged, version, flush = self.session, self.session_version, self.session_flush
         self.session = self.session_version = None
         if staged:
-            model = self.engine.model
+            model, sched = self.engine.model, self.engine.scheduler
+
+            def apply():  # SGLang loads and flushes per bucket; we apply the whole session at once
+                model.load_tensors(staged)
+                if flush:
+                    sched.flush_cache(ignore_waiting=True)
+
             try:
-                await asyncio.to_thread(self.engine.scheduler.exclusive, lambda: model.load_tensors(staged))
+                await asyncio.to_thread(sched.exclusive, apply)
             except Exception as e:
                 return _fail(f"end_weight_update: applying {len(staged)} tensors failed, old weights kept: "
                              f"{type(e).__name__}: {e}")
@@ -168,13 +198,15 @@ class WeightSync:
         return web.json_response({"success": True, "message": "Success"})
 
     async def get_weights_by_name(self, body: Dict[str, Any]) -> web.Response:
+        """SGLang (models/llama.py get_weights_by_name): the fp32 values as nested lists, truncated to
+        the first ``truncate_size`` entries of the first dimension; an unknown name is a 400."""
         try:
             t = self.engine.model.get_weight(str(body["name"]))
-        except KeyError as e:
-            return _fail(str(e))
-        size = int(body.get("truncate_size", 100))
-        t = t.float()
-        values = (t[..., :size] if t.dim() else t).tolist()
+        except KeyError:
+            return web.json_response({"error": {"message": "Get parameter by name failed"}}, status=400)
+        values = t.float().tolist()
+        if isinstance(values, list):
+            values = values[: int(body.get("truncate_size", 100))]
         return web.json_response(values)
 
 
