@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from bench import bus_phases
 from bench.rollout import _cpu_name
 from rollout.bus import DiskBus
 from rollout.bus.disk import hash_pool
@@ -174,6 +175,7 @@ def main(argv=None) -> None:
                        "plain": asyncio.run(_apply(url, plain_dir, str(version), args.reps))}
         finally:
             launched.stop()
+        phases = bus_phases.run(named, config, root, bucket, 2, args.reps)  # the trainer's staged path
     finally:
         shutil.rmtree(root, ignore_errors=True)
     gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
@@ -232,6 +234,7 @@ def main(argv=None) -> None:
         f"jobs held the second core and the hashing could not overlap the write.",
         "",
     ]
+    lines += bus_phases.table(phases, nbytes, 2)
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

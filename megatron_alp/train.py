@@ -19,6 +19,7 @@ from typing import Dict, List
 
 import torch.distributed as dist
 
+from .runtime.distributed import handover_group
 from .sync.weight_sync import WeightSync
 from .trainer.batching import dp_shard, mini_batches
 from .trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -45,6 +46,7 @@ def train(cfg) -> Dict[str, float]:
     driver = evaluator = None
     sync = WeightSync(cfg, t, rank)
     stop = StopFlag()
+    handover = handover_group(cfg.run.rollout_timeout_minutes)  # the batch's own long timeout
     last: Dict[str, float] = {}
     try:
         engine_path = sync.initial(version, resumed=bool(resume))  # the engines start on these weights
@@ -65,7 +67,7 @@ def train(cfg) -> Dict[str, float]:
             # 1. rollout on the driver, the batch to every rank (or why not: checkpoint, then stop).
             stopping = stop.any_rank()
             payload = [rollout_or_abort(driver, stop, stopping, step, version) if rank == 0 else None]
-            dist.broadcast_object_list(payload, src=0)
+            dist.broadcast_object_list(payload, src=0, group=handover)  # the rollout's own long timeout
             if isinstance(payload[0], Abort):
                 raise payload[0].error(step, _save(cfg, t, ckpt_root, step, version, driver, rank))
             batch, rollout_metrics = payload[0]

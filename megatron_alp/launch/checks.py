@@ -37,8 +37,27 @@ def requested_precision(config_path: Optional[str], overrides: Sequence[str]) ->
     return str((tree.get("precision") or {}).get("train", "fp32"))
 
 
+def torch_here() -> bool:
+    """Whether torch imports on this host (a container job's batch host may not have it)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_for_world(config_path: Optional[str], overrides: Sequence[str], world: int, on_gpus: bool):
-    """The trainer's ``load_and_check`` at world size ``world``; returns (cfg, note or None)."""
+    """The trainer's ``load_and_check`` at world size ``world``; returns (cfg, note or None).
+
+    Without torch on this host (the batch host of a container job: torch and Megatron live in the
+    steps' image) only the config's own checks run here; the trainer repeats the full check."""
+    if not torch_here():
+        from ..config import load_config
+
+        with _world_size(world):
+            cfg = load_config(config_path, list(overrides))
+        return cfg, ("torch is not importable on this host (a container job?): the config's own checks ran "
+                     "here; the batch split and precision are checked by the trainer on its nodes")
     import torch
 
     from ..trainer.setup import load_and_check

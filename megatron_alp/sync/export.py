@@ -58,6 +58,8 @@ def iter_hf_tensors(model_chunks: Sequence, weight_map: WeightMap, vocab_size: i
         for full_name, p in named_global_parameters(unwrap(chunk)):
             if is_alp_param(full_name, p):
                 continue  # trainer-only, and identical on every TP rank: no gather needed
+            if full_name == "output_layer.weight" and weight_map.model.tie_embeddings:
+                continue  # the tied copy: HF reads the embedding (WeightMap maps it to nothing)
             full = gather_full(full_name, p, vocab_size)
             if not writes:
                 continue

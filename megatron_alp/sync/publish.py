@@ -8,9 +8,10 @@
 
 disk: rank 0 stages a temporary version directory and broadcasts its path; each pipeline stage's
 exporting TP-rank-0 streams its own layers into ``model-pp<stage>-NNNNN.safetensors`` shards there
-(one bucket in memory at a time) plus a part manifest; after every rank reported (an
-all-gather of errors), rank 0 merges the parts, writes index/config.json/tokenizer/manifest,
-optionally re-verifies every checksum, and renames the directory into place (atomic). The engines
+(a full bucket is written on a writer thread while the next one is gathered) plus a part manifest,
+then (``bus.verify``) re-reads and checks its own shards, every stage in parallel; after every
+rank reported (an all-gather of errors), rank 0 merges the parts, requiring each stage's by name,
+writes index/config.json/tokenizer/manifest, and renames the directory into place (atomic). The engines
 load it in ``commit``. A failure anywhere aborts the staged directory on every rank.
 
 nccl / tensor: rank 0 pauses the fleet and opens a weight-update session on each engine, then
@@ -23,20 +24,22 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
-from rollout.bus.disk import DiskBus, hash_pool, version_dirname
+from rollout.bus.address import node_address
+from rollout.bus.disk import DiskBus, hash_pool, verify_part, version_dirname
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
 
 from ..convert.hf_config import hf_config_for_export, read_hf_config
 from ..convert.mapping import WeightMap
 from .export import EXPORT_DTYPES, buckets, export_role, iter_hf_tensors
+from .order import exporter_ranks, order_group, send_in_order
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,19 @@ class Published:
     def metrics(self) -> Dict[str, float]:
         return {"bus/publish_s": self.seconds, "bus/publish_bytes": float(self.bytes),
                 "bus/publish_GBps": self.bytes / max(self.seconds, 1e-9) / 1e9}
+
+
+def export_config(model, precision: str, hf_dir: Optional[str] = None) -> Dict[str, Any]:
+    """config.json of a published version: the source checkpoint's (``hf_dir``, default
+    ``model.hf_path``; else one built from the model section) with the export dtype and, for FP8,
+    the block-FP8 ``quantization_config`` (the trainer's versions and version 0 of sync/v0.py)."""
+    src = hf_dir or model.hf_path
+    source = read_hf_config(src) if src and os.path.isfile(os.path.join(src, "config.json")) else None
+    cfg = hf_config_for_export(model, EXPORT_DTYPES[precision], source)
+    cfg.pop("quantization_config", None)
+    if precision == "fp8":
+        cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    return cfg
 
 
 def _bcast(obj: Any) -> Any:
@@ -99,6 +115,8 @@ class Publisher:
         self._sender = None
         self._sender_key: Optional[Tuple] = None
         self._generation = 0
+        self._cleaned = False
+        self._order: Optional[Tuple] = None  # (the exporting ranks' gloo group or None,), made once
 
     # -- helpers -------------------------------------------------------------------------------
     def engine_model_path(self, version: int) -> str:
@@ -109,14 +127,8 @@ class Publisher:
         """config.json of a published version: the source's (or one built from the model section),
         with the export dtype and, for FP8, the block-FP8 ``quantization_config``."""
         if self._hf_config is None:
-            src = self.model.hf_path
-            source = read_hf_config(src) if src and os.path.isfile(os.path.join(src, "config.json")) else None
-            self._hf_config = hf_config_for_export(self.model, self.dtype, source)
-        cfg = dict(self._hf_config)
-        cfg.pop("quantization_config", None)
-        if self.precision == "fp8":
-            cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
-        return cfg
+            self._hf_config = export_config(self.model, self.precision)
+        return dict(self._hf_config)
 
     def _tensors(self, model_chunks):
         named = iter_hf_tensors(model_chunks, self.weight_map, self.model.vocab_size)
@@ -125,10 +137,37 @@ class Publisher:
         return ((n, t.to(self.dtype)) for n, t in named)
 
     @staticmethod
+    def _stage_parts() -> List[str]:
+        """The part every pipeline stage's writer leaves (finalize requires each by name)."""
+        from megatron.core import parallel_state as ps
+
+        return [f"pp{s}" for s in range(ps.get_pipeline_model_parallel_world_size())]
+
+    @staticmethod
     def _stage() -> int:
         from megatron.core import parallel_state as ps
 
         return ps.get_pipeline_model_parallel_rank()
+
+    def prepublished_v0(self) -> Optional[Published]:
+        """Collective: version 0 as written before the engines started (:mod:`.v0`, the launcher's
+        FP8 path), when the bus holds exactly that; None otherwise (then :meth:`publish` it)."""
+        found = None
+        if self.disk is not None and dist.get_rank() == 0:
+            from .v0 import prepublished
+
+            found = prepublished(self.disk, self.precision)
+        if _bcast(found) is None:
+            return None
+        manifest = None
+        if dist.get_rank() == 0:
+            from rollout.bus.manifest import read_manifest
+
+            manifest = read_manifest(self.disk.path(0))
+            logger.info("bus: version 0 found published before the engines started (%s, %.1f MB): committing it",
+                        self.precision, manifest.total_bytes / 1e6)
+        return Published(0, "disk", path=self.disk.path(0), manifest=manifest,
+                         bytes=manifest.total_bytes if manifest else 0)
 
     # -- publish -------------------------------------------------------------------------------
     def publish(self, version: int, model_chunks, *, fleet=None, rewind: bool = False) -> Published:
@@ -151,6 +190,9 @@ class Publisher:
         head: Tuple[str, str] = ("error", "")
         if dist.get_rank() == 0:
             try:
+                if not self._cleaned:  # a publication that crashed in an earlier run
+                    self.disk.remove_stale()
+                    self._cleaned = True
                 if rewind:
                     self.disk.rewind(version)
                 head = ("ok", self.disk.stage(version))
@@ -168,7 +210,9 @@ class Publisher:
                     for name, t in tensors:
                         writer.add(name, t)
                         nbytes += t.numel() * t.element_size()
-                    writer.close()
+                    entries, _ = writer.close()
+                    if self.cfg.verify:  # each stage re-reads its own shards, all stages at once
+                        verify_part(staged, entries, self.disk.checksum, pool)
             else:
                 for _ in tensors:  # take part in the TP gathers
                     pass
@@ -184,7 +228,7 @@ class Publisher:
                     manifest = self.disk.finalize(staged, version, config=self.hf_config(),
                                                   tokenizer_dir=self.tokenizer_dir, precision=self.precision,
                                                   quantization=QUANTIZATION_CONFIG if self.precision == "fp8" else None,
-                                                  verify_first=self.cfg.verify)
+                                                  parts=self._stage_parts())
             except Exception as e:
                 errors.append(f"rank 0 finalize: {type(e).__name__}: {e}")
             if errors:
@@ -204,13 +248,24 @@ class Publisher:
             raise PublishError(f"version {version}: {head[1]}")
         _, urls, ranks, api_key, failed = head
         err, nbytes, send_errors = None, 0, {}
+        if self._order is None:  # collective, once: the exporting ranks' own gloo group
+            self._order = (order_group(exporter_ranks(export_role()[1])),)
         try:
             tensors = self._tensors(model_chunks)
             if export_role()[1]:
                 sender = self._get_sender(urls, ranks, api_key)
-                for bucket in buckets(tensors, self.bucket_bytes):
-                    sender.send_bucket(bucket)
-                    nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                sent: List[int] = []
+
+                begin = getattr(sender, "start_bucket", sender.send_bucket)  # tensor backend: synchronous
+
+                def start(bucket):
+                    sent.append(sum(t.numel() * t.element_size() for _, t in bucket))
+                    return begin(bucket)
+
+                # One global bucket order across stages; the next bucket gathered during a transfer.
+                send_in_order(buckets(tensors, self.bucket_bytes), start,
+                              getattr(sender, "finish_bucket", lambda _: None), self._order[0])
+                nbytes = sum(sent)
                 send_errors = dict(sender.errors)
                 sender.errors.clear()
                 if sender.broken:
@@ -265,7 +320,9 @@ class Publisher:
             sender = TensorSender(clients, ranks)
         else:
             self._generation += 1
-            address = self.cfg.master_address or socket.gethostbyname(socket.gethostname())
+            # Per node: each stage's sender may run on another node (rollout/bus/address.py).
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            address = self.cfg.master_address or node_address(urls, backend)
             sender = DistributedSender(clients, group_name=f"megatron-alp-pp{self._stage()}-g{self._generation}",
                                        engine_ranks=ranks, master_address=address, timeout_s=self.cfg.timeout_s)
         sender.connect()

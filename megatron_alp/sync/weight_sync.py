@@ -34,7 +34,8 @@ class WeightSync:
         self._resume_version = version
         attached = bool(self.cfg.rollout.urls)  # engines already running: they must be sent the weights
         if self.cfg.bus.backend == "disk":
-            self._initial_pub = self.publisher.publish(version, [self.trainer.ddp], rewind=resumed)
+            pre = None if resumed else self.publisher.prepublished_v0()  # the launcher wrote it (FP8 engines)
+            self._initial_pub = pre or self.publisher.publish(version, [self.trainer.ddp], rewind=resumed)
             self._commit_initial = attached
             return self._initial_pub.path
         self._pending_push = resumed or attached

@@ -111,7 +111,7 @@ def load_initial_weights(cfg: Config, model) -> None:
 
 
 def setup(cfg: Config) -> Trainer:
-    init_distributed()
+    init_distributed(cfg.parallel.pg_timeout_minutes)
     layout = init_parallel_state(cfg.parallel, cfg.model, seed=cfg.run.seed)
     run_dir = cfg.run.output_dir
     if dist.get_rank() == 0:

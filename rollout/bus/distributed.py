@@ -78,10 +78,15 @@ class UpdateGroup:
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> None:
         """Broadcast ``tensor`` in place from ``root``."""
+        self.broadcast_async(tensor, root).wait()
+
+    def broadcast_async(self, tensor: torch.Tensor, root: int = 0):
+        """Start the broadcast; ``.wait()`` on the returned work completes it (the caller may gather
+        the next bucket meanwhile: a different communicator)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = root
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        return self.pg.broadcast([tensor], opts)
 
     def close(self) -> None:
         try:
