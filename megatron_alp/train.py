@@ -12,95 +12,72 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-from typing import Dict, List
+from typing import Dict
 
 import torch.distributed as dist
 
 from .sync.weight_sync import WeightSync
-from .trainer.batching import dp_shard, mini_batches
-from .trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .trainer.batching import mini_batches
+from .trainer.checkpoint import Checkpointer
+from .trainer.guard import NonFiniteGuard
 from .trainer.monitor import make_monitor, tensorboard_hint
 from .trainer.setup import StopFlag, load_and_check, setup
-from .trainer.step_metrics import merge_step_metrics, sigma_metrics
+from .trainer.step_metrics import StepClock, step_metrics
 
 logger = logging.getLogger("megatron_alp.train")
 
 
 def train(cfg) -> Dict[str, float]:
-    t = setup(cfg)
-    ps = t.actor.ps
+    trainer = setup(cfg)
     rank = dist.get_rank()
-    ckpt_root = cfg.checkpoint.dir or f"{t.run_dir}/checkpoints"
-    start, version, data_state, nonfinite = 0, 0, None, 0
-    resume = latest_checkpoint(ckpt_root)
-    if resume:
-        meta = load_checkpoint(resume, [t.ddp], t.optimizer, t.layout)
-        start, version, data_state = meta["step"], meta["bus_version"], meta.get("data")
-    monitor = make_monitor(cfg, t.run_dir, rank)
-    driver = None
-    sync = WeightSync(cfg, t, rank)
+    checkpoints = Checkpointer(cfg.checkpoint, cfg.run.steps, trainer.run_dir, [trainer.ddp], trainer.optimizer,
+                               trainer.layout)
+    resumed = checkpoints.resume() or {}
+    start, version = resumed.get("step", 0), resumed.get("bus_version", 0)
+    monitor = make_monitor(cfg, trainer.run_dir, rank)
+    sync = WeightSync(cfg.bus, cfg.rollout, cfg.model, [trainer.ddp], rank)
+    guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
     stop = StopFlag()
+    driver = None
     last: Dict[str, float] = {}
     try:
-        engine_path = sync.initial(version, resumed=bool(resume))  # the engines start on these weights
+        engine_path = sync.initial(version, resumed=bool(resumed))  # the engines start on these weights
         if rank == 0:
-            from .trainer.driver import RolloutDriver
-
-            driver = RolloutDriver(cfg, t.run_dir, cfg.model.hf_path, engine_path)
-            if data_state:
-                driver.stream.load_state_dict(data_state)
-            with open(f"{t.run_dir}/config.yaml") as f:  # written redacted by setup()
-                monitor.text("config", f"```\n{f.read()}\n```")
+            driver = _start_driver(cfg, trainer.run_dir, engine_path, resumed.get("driver"), monitor)
         sync.attach(driver)
         for step in range(start, cfg.run.steps):
-            t0 = time.perf_counter()
+            clock = StepClock()
             # 1. rollout on the driver, the batch to every rank.
-            payload = [driver.rollout(step, version) if rank == 0 else None]
-            dist.broadcast_object_list(payload, src=0)
-            batch, rollout_metrics = payload[0]
-            local = dp_shard(batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-            t_train = time.perf_counter()
-            # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch), reference.
-            if cfg.algorithm.recompute_old_logp:
-                local.old_logp = t.actor.compute_logprobs(local)
-            if t.ref_actor is not None:
-                local.ref_logp = t.ref_actor.compute_logprobs(local)
-            # 3. mini-batch updates: staleness grows with each one.
-            per_update: List[Dict] = []
-            for k, mb in enumerate(mini_batches(local, cfg.run.mini_batches_per_step)):
-                per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k))
-            skipped = any(m.get("train/skipped_step", 0) > 0 for m in per_update)
-            nonfinite = nonfinite + 1 if skipped else 0
-            train_s = time.perf_counter() - t_train
+            batch, rollout_metrics = _from_rank0(driver.rollout(step, version) if rank == 0 else None)
+            local = trainer.shard(batch)
+            with clock.phase("train"):
+                # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch), reference.
+                if cfg.algorithm.recompute_old_logp:
+                    local.old_logp = trainer.actor.compute_logprobs(local)
+                if trainer.ref_actor is not None:
+                    local.ref_logp = trainer.ref_actor.compute_logprobs(local)
+                # 3. mini-batch updates: staleness grows with each one.
+                n_mini = cfg.run.mini_batches_per_step
+                per_update = [trainer.actor.train_step(mb, step=step * n_mini + k)
+                              for k, mb in enumerate(mini_batches(local, n_mini))]
+            guard.update(per_update)
             # 4. publish the new weights (version = number of completed steps) and commit them.
-            t_sync = time.perf_counter()
             version = step + 1
-            sync_metrics = sync.publish_and_commit(version)
-            # 5. metrics: the last pipeline stage's reduced metrics and every stage's sigma to rank 0.
-            metrics = merge_step_metrics(per_update, src_rank=_metrics_rank(ps))
-            metrics.update(sigma_metrics(t.model, t.ddp))
+            with clock.phase("sync"):
+                sync_metrics = sync.publish_and_commit(version)
+            # 5. metrics: the trainer's (every stage's) and, on rank 0, the driver's and the loop's.
+            metrics = step_metrics(trainer, per_update, {**rollout_metrics, **sync_metrics}, clock,
+                                   float(batch.loss_mask.sum()), bus_version=version,
+                                   consecutive_nonfinite=guard.consecutive)
             if rank == 0:
-                metrics.update(rollout_metrics)
-                metrics.update(sync_metrics)
-                n_tok = float(batch.loss_mask.sum())
-                metrics.update({"perf/train_s": train_s, "perf/sync_s": time.perf_counter() - t_sync,
-                                "perf/train_tokens_per_s": n_tok / max(train_s, 1e-9),
-                                "perf/step_seconds": time.perf_counter() - t0, "train/bus_version": version,
-                                "train/consecutive_nonfinite": nonfinite})
                 monitor.log(metrics, step)
                 last = metrics
             # 6. checkpoint: every N steps, at the end, on SIGTERM, and before giving up on NaNs.
-            give_up = nonfinite >= cfg.run.max_nonfinite_steps
             stopping = stop.any_rank()
-            if (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0) or \
-                    step + 1 == cfg.run.steps or stopping or give_up:
-                meta = {"bus_version": version, "data": driver.stream.state_dict() if rank == 0 else None}
-                meta = _from_rank0(meta)
-                save_checkpoint(ckpt_root, step + 1, [t.ddp], t.optimizer, meta, t.layout)
-            if give_up:
-                raise RuntimeError(f"{nonfinite} consecutive non-finite losses (run.max_nonfinite_steps = "
-                                   f"{cfg.run.max_nonfinite_steps}); checkpoint saved in {ckpt_root}")
+            loop_state = {"bus_version": version, "driver": driver.state_dict() if rank == 0 else None}
+            checkpoints.maybe_save(step + 1, loop_state, force=stopping or guard.exhausted)
+            if guard.exhausted:
+                raise guard.error(checkpoints.root)
             if stopping:
                 logger.warning("stopped by signal after step %d; resume with the same command", step + 1)
                 break
@@ -110,18 +87,21 @@ def train(cfg) -> Dict[str, float]:
             driver.close()
         monitor.close()
     if rank == 0 and cfg.logging.tensorboard:
-        logger.info("TensorBoard logs: %s  (open with: %s)", f"{t.run_dir}/tensorboard", tensorboard_hint(t.run_dir))
+        logger.info("TensorBoard logs: %s  (open with: %s)", f"{trainer.run_dir}/tensorboard",
+                    tensorboard_hint(trainer.run_dir))
     return last
 
 
-def _metrics_rank(ps) -> int:
-    """Global rank of the last pipeline stage's (TP 0, DP 0) rank, which holds the reduced metrics.
+def _start_driver(cfg, run_dir: str, engine_path: str, state, monitor):
+    """Rank 0: the rollout driver on engines started from ``engine_path``, resumed from ``state``."""
+    from .trainer.driver import RolloutDriver
 
-    Megatron's default rank order (tp-cp-ep-dp-pp) puts the pipeline dimension outermost, so that
-    rank is the first one of the last stage's block of world / pp ranks.
-    """
-    pp = ps.get_pipeline_model_parallel_world_size()
-    return (pp - 1) * (dist.get_world_size() // pp)
+    driver = RolloutDriver(cfg, run_dir, cfg.model.hf_path, engine_path)
+    if state:
+        driver.load_state_dict(state)
+    with open(f"{run_dir}/config.yaml") as f:  # written redacted by setup()
+        monitor.text("config", f"```\n{f.read()}\n```")
+    return driver
 
 
 def _from_rank0(obj):

@@ -1,6 +1,6 @@
 """The trainer's side of the checkpoint bus: ``publish`` on every rank, ``commit`` on the driver.
 
-    publisher = make_publisher(cfg)                      # every rank, once
+    publisher = Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision)  # every rank, once
     pub = publisher.publish(version, model_chunks,        # every rank (collective)
                             fleet=fleet if rank == 0 else None)
     if rank == 0:
@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from rollout.bus.disk import DiskBus, hash_pool, version_dirname
+from rollout.bus.disk import DiskBus, hash_pool
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
 
@@ -79,16 +79,16 @@ def _gather(obj: Any) -> List[Any]:
 class Publisher:
     """Publishes a Megatron model's weights as bus versions (see the module docstring)."""
 
-    def __init__(self, bus, model, *, precision: str = "fp32", hf_config: Optional[Dict[str, Any]] = None,
+    def __init__(self, bus, model_cfg, *, precision: str = "fp32", hf_config: Optional[Dict[str, Any]] = None,
                  tokenizer_dir: Optional[str] = None):
         if precision not in EXPORT_DTYPES:
             raise ValueError(f"rollout precision must be one of {sorted(EXPORT_DTYPES)}, got {precision!r}")
-        self.cfg, self.model = bus, model
+        self.bus, self.model_cfg = bus, model_cfg
         self.precision = precision
         self.dtype = EXPORT_DTYPES[precision]
-        self.weight_map = WeightMap.for_model(model.family, model)
+        self.weight_map = WeightMap.for_model(model_cfg.family, model_cfg)
         self.bucket_bytes = int(bus.bucket_mb) * 2 ** 20
-        self.tokenizer_dir = tokenizer_dir or model.hf_path
+        self.tokenizer_dir = tokenizer_dir or model_cfg.hf_path
         self._hf_config = hf_config
         self.disk = (DiskBus(bus.dir, bus.keep, fsync=bus.fsync, checksum=bus.checksum)
                      if bus.backend == "disk" else None)
@@ -101,17 +101,13 @@ class Publisher:
         self._generation = 0
 
     # -- helpers -------------------------------------------------------------------------------
-    def engine_model_path(self, version: int) -> str:
-        """The directory of a disk version (engines can be launched on it)."""
-        return os.path.join(os.path.abspath(self.cfg.dir), version_dirname(version))
-
     def hf_config(self) -> Dict[str, Any]:
         """config.json of a published version: the source's (or one built from the model section),
         with the export dtype and, for FP8, the block-FP8 ``quantization_config``."""
         if self._hf_config is None:
-            src = self.model.hf_path
+            src = self.model_cfg.hf_path
             source = read_hf_config(src) if src and os.path.isfile(os.path.join(src, "config.json")) else None
-            self._hf_config = hf_config_for_export(self.model, self.dtype, source)
+            self._hf_config = hf_config_for_export(self.model_cfg, self.dtype, source)
         cfg = dict(self._hf_config)
         cfg.pop("quantization_config", None)
         if self.precision == "fp8":
@@ -119,7 +115,7 @@ class Publisher:
         return cfg
 
     def _tensors(self, model_chunks):
-        named = iter_hf_tensors(model_chunks, self.weight_map, self.model.vocab_size)
+        named = iter_hf_tensors(model_chunks, self.weight_map, self.model_cfg.vocab_size)
         if self.precision == "fp8":
             return quantize_named(named, other_dtype=self.dtype)
         return ((n, t.to(self.dtype)) for n, t in named)
@@ -137,13 +133,13 @@ class Publisher:
         ``rewind=True`` (after resuming from a checkpoint) first removes disk versions >= ``version``.
         """
         t0 = time.perf_counter()
-        if self.cfg.backend == "disk":
+        if self.bus.backend == "disk":
             pub = self._publish_disk(int(version), model_chunks, rewind)
         else:
             pub = self._publish_stream(int(version), model_chunks, fleet)
         pub.seconds = time.perf_counter() - t0
         if dist.get_rank() == 0:
-            logger.info("bus: version %d exported (%s, %.1f MB in %.2f s)", version, self.cfg.backend,
+            logger.info("bus: version %d exported (%s, %.1f MB in %.2f s)", version, self.bus.backend,
                         pub.bytes / 1e6, pub.seconds)
         return pub
 
@@ -184,7 +180,7 @@ class Publisher:
                     manifest = self.disk.finalize(staged, version, config=self.hf_config(),
                                                   tokenizer_dir=self.tokenizer_dir, precision=self.precision,
                                                   quantization=QUANTIZATION_CONFIG if self.precision == "fp8" else None,
-                                                  verify_first=self.cfg.verify)
+                                                  verify_first=self.bus.verify)
             except Exception as e:
                 errors.append(f"rank 0 finalize: {type(e).__name__}: {e}")
             if errors:
@@ -230,7 +226,7 @@ class Publisher:
         for _, errs, _ in reports:
             for url, msg in errs.items():
                 errors.setdefault(url, msg)
-        return Published(version, self.cfg.backend, errors=errors, bytes=sum(n for _, _, n in reports))
+        return Published(version, self.bus.backend, errors=errors, bytes=sum(n for _, _, n in reports))
 
     def _open_sessions(self, fleet) -> Tuple:
         """Rank 0: pause the fleet, open a session on each engine, learn each engine's rank count."""
@@ -238,7 +234,7 @@ class Publisher:
         from rollout.bus.commit import begin_session
 
         if fleet is None:
-            return ("error", f"bus.backend = {self.cfg.backend} needs the fleet on rank 0 (publish(..., fleet=fleet))")
+            return ("error", f"bus.backend = {self.bus.backend} needs the fleet on rank 0 (publish(..., fleet=fleet))")
         try:
             failed = run_sync(begin_session(fleet))
             clients = [c for c in fleet.live_clients if c.url not in failed]
@@ -259,15 +255,15 @@ class Publisher:
         if self._sender is not None and self._sender_key == key:
             return self._sender
         self._drop_sender()
-        client_cfg = ClientConfig(max_retries=0, control_timeout_s=self.cfg.timeout_s)
+        client_cfg = ClientConfig(max_retries=0, control_timeout_s=self.bus.timeout_s)
         clients = [EngineClient(u, api_key=api_key, config=client_cfg) for u in urls]
-        if self.cfg.backend == "tensor":
+        if self.bus.backend == "tensor":
             sender = TensorSender(clients, ranks)
         else:
             self._generation += 1
-            address = self.cfg.master_address or socket.gethostbyname(socket.gethostname())
+            address = self.bus.master_address or socket.gethostbyname(socket.gethostname())
             sender = DistributedSender(clients, group_name=f"megatron-alp-pp{self._stage()}-g{self._generation}",
-                                       engine_ranks=ranks, master_address=address, timeout_s=self.cfg.timeout_s)
+                                       engine_ranks=ranks, master_address=address, timeout_s=self.bus.timeout_s)
         sender.connect()
         self._sender, self._sender_key = sender, key
         return sender
@@ -284,7 +280,7 @@ class Publisher:
         from rollout.aio import run_sync
         from rollout.bus.commit import commit, disk_apply, session_apply
 
-        common = dict(retries=self.cfg.retries, on_failure=self.cfg.on_engine_failure, spot_check=spot_check)
+        common = dict(retries=self.bus.retries, on_failure=self.bus.on_engine_failure, spot_check=spot_check)
         if published.backend == "disk":
             return run_sync(commit(fleet, published.version, disk_apply(published.path, published.version), **common))
         return run_sync(commit(fleet, published.version, session_apply(published.version), already_paused=True,
@@ -302,8 +298,3 @@ async def _engine_ranks(client) -> int:
         raise BusError(f"engine {client.url} runs dp_size={dp}, pp_size={pp}: SGLang's weight-update group "
                        f"ranks are rank_offset + tp_rank, so use one server per replica with the nccl backend")
     return tp
-
-
-def make_publisher(cfg) -> Publisher:
-    """A :class:`Publisher` for the full config (bus section, model section, rollout precision)."""
-    return Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision, tokenizer_dir=cfg.model.hf_path)

@@ -54,17 +54,21 @@ class RLBatch:
 class Actor:
     """Owns the model chunks, the optimizer and the forward/backward logic of one trainer rank."""
 
-    def __init__(self, cfg, model_chunks: List, optimizer=None):
+    def __init__(self, algorithm, run, alp, model_chunks: List, optimizer=None, *, vocab_size: int,
+                 temperature: float = 1.0):
+        """``algorithm``, ``run``, ``alp``: the config sections; ``vocab_size``: the model's true
+        vocabulary (padding excluded); ``temperature``: the rollout's sampling temperature."""
         from megatron.core import parallel_state as ps
 
-        self.cfg = cfg
         self.chunks = model_chunks
         self.optimizer = optimizer
         self.ps = ps
-        self.algo = cfg.algorithm
-        self.hparams = cfg.algorithm.objective_hparams()
-        self.vocab_size = cfg.model.vocab_size
-        self.temperature = cfg.rollout.temperature
+        self.algo = algorithm
+        self.micro_batch_size = run.micro_batch_size
+        self.perturb = alp.enabled
+        self.hparams = algorithm.objective_hparams()
+        self.vocab_size = vocab_size
+        self.temperature = temperature
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -73,7 +77,7 @@ class Actor:
         return self.ps.is_pipeline_last_stage()
 
     def _micro_batches(self, batch: RLBatch) -> List[RLBatch]:
-        mbs = self.cfg.run.micro_batch_size
+        mbs = self.micro_batch_size
         return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
@@ -145,7 +149,7 @@ class Actor:
         micro = self._micro_batches(batch)
         normalizer = self._global_normalizer(batch)
         scale = len(micro) * self.ps.get_data_parallel_world_size()
-        perturb = step if self.cfg.alp.enabled else None
+        perturb = step if self.perturb else None
         stash: List[dict] = []
         want_entropy = True  # entropy is logged every step (policy/entropy), not only when it is in the loss
 

@@ -13,15 +13,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _world(rank, world_size, dtype):
     from megatron_alp.model.alp import alp_block_spec
-    from megatron_alp.trainer.actor import Actor, RLBatch
+    from megatron_alp.trainer.actor import RLBatch
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
+    from megatron_alp.trainer.setup import make_actor
     from tests.distributed.layouts import V, build, make_cfg
 
     cfg = make_cfg(extra=[f"precision.train={dtype}", "alp.enabled=true", "run.micro_batch_size=2",
                           "optimizer.lr=1e-4"])
     model = build(cfg, block_spec=lambda c, cc: alp_block_spec(c.model, c.alp, cc))
     ddp = wrap_ddp(model)
-    actor = Actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, precision=dtype, alp=cfg.alp))
+    actor = make_actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, precision=dtype, alp=cfg.alp))
     g = torch.Generator().manual_seed(0)
     batch = RLBatch(tokens=torch.randint(0, V, (4, 16), generator=g).cuda(), loss_mask=torch.ones(4, 16).cuda(),
                     rollout_logp=(-torch.rand(4, 16, generator=g) - 1).cuda(), advantages=torch.randn(4, generator=g).cuda())
