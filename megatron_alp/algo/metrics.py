@@ -24,9 +24,10 @@ import torch
 
 from .dist_stats import all_reduce_, gather_values, sorted_quantiles, subsample
 from .divergence import dppo_invalid, drpo_weight
-from .hparams import DRPO_FAMILY, NEEDS_OLD_LOGP, RATIO_OBJECTIVES, SEQUENCE_LEVEL, check_hparams
-from .objectives import _bool_mask, broadcast_advantages, effective_mask
+from .hparams import check_hparams
+from .objectives import _bool_mask, broadcast_advantages, effective_mask, is_weight_mode
 from .ratio import LOG_RATIO_CLAMP, importance_weight, policy_log_ratio
+from .registry import objective as lookup
 
 QUANTILES = ((0.001, "p0.1"), (0.01, "p1"), (0.05, "p5"), (0.25, "p25"), (0.5, "p50"),
              (0.75, "p75"), (0.95, "p95"), (0.99, "p99"), (0.999, "p99.9"))
@@ -96,9 +97,10 @@ def compute_metrics(
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {shape}")
     hp = check_hparams(objective, dict(hparams or {})) if objective is not None else {}
+    spec = lookup(objective) if objective is not None else None
     if objective is not None and advantages is None:
         raise ValueError(f"metrics of objective {objective!r} need advantages")
-    if objective in NEEDS_OLD_LOGP and old_logp is None:
+    if spec is not None and spec.needs_old_logp and old_logp is None:
         raise ValueError(f"metrics of objective {objective!r} need old_logp")
     m = _bool_mask(mask, shape)
     dev, f64 = logp.device, torch.float64
@@ -118,7 +120,7 @@ def compute_metrics(
     loss_valid = effective_mask(objective, m, logp, rollout_logp, advantages, old_logp)
     local["train/dropped_tokens"] = (m & ~loss_valid).sum().to(f64)
     v = m & ~bad
-    if objective in SEQUENCE_LEVEL:
+    if spec is not None and spec.sequence_level:
         v &= ~bad.any(dim=-1, keepdim=True)
 
     def clean(t):
@@ -159,7 +161,7 @@ def compute_metrics(
         local["adv"] = adv.sum()
         beyond = dppo_invalid("tv", lp, lmu, adv, dppo_delta) & v
         local["beyond"] = beyond.sum().to(f64)
-    extra_values = _objective_locals(objective, hp, lp, lmu, lold, adv, v, has, local)
+    extra_values = _objective_locals(spec, hp, lp, lmu, lold, adv, v, has, local)
 
     names = list(local)
     sums = all_reduce_(torch.stack([local[k].to(f64) for k in names]), "sum", group)
@@ -212,16 +214,13 @@ _OBJECTIVE_FRACTIONS = (
 )
 
 
-def _objective_locals(objective, hp, lp, lmu, lold, adv, v, has, local) -> Optional[torch.Tensor]:
+def _objective_locals(spec, hp, lp, lmu, lold, adv, v, has, local) -> Optional[torch.Tensor]:
     """Add the objective's local numerators to ``local``; return the DRPO weights to gather (or None)."""
     f64 = torch.float64
-    if objective is None:
+    if spec is None:
         return None
-    if objective in RATIO_OBJECTIVES:
-        if objective.startswith("bypass_"):
-            log_rho = policy_log_ratio(objective.split("_")[1], lp, lmu, v)
-        else:
-            log_rho = lp - lold
+    if spec.clips_ratio:
+        log_rho = policy_log_ratio(spec.kind, lp, lmu, v) if spec.family == "bypass" else lp - lold
         rho = log_rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
         lo, hi = 1.0 - hp["eps_low"], 1.0 + hp["eps_high"]
         local["clip_low"] = (v & (adv < 0) & (rho < lo)).sum().to(f64)
@@ -229,24 +228,20 @@ def _objective_locals(objective, hp, lp, lmu, lold, adv, v, has, local) -> Optio
         if hp["dual_clip"] is not None:
             capped = torch.maximum(rho, rho.clamp(lo, hi)) > hp["dual_clip"]
             local["clip_dual"] = (v & (adv < 0) & capped).sum().to(f64)
-        if objective.startswith(("mis_", "tis_")):
-            mode = "mask" if objective.startswith("mis_") else "truncate"
-            w, info = importance_weight(
-                objective.split("_")[1], mode, lold, lmu, v,
-                is_low=hp.get("is_low", 0.0), is_high=hp["is_high"], veto=hp["veto"],
-            )
+        if spec.family in ("mis", "tis"):
+            mode = is_weight_mode(spec)
+            w, info = importance_weight(spec.kind, mode, lold, lmu, v,
+                                        is_low=hp.get("is_low", 0.0), is_high=hp["is_high"], veto=hp["veto"])
             local["is_w"] = w[v].sum()
             local["is_masked" if mode == "mask" else "is_trunc"] = info[
                 "masked" if mode == "mask" else "truncated"].sum().to(f64)
             local["vetoed"] = (info["vetoed"].any(dim=-1) & has).sum().to(f64)
         return None
-    if objective.startswith("dppo_"):
-        inv = dppo_invalid(objective.split("_")[1], lp, lmu, adv, hp["delta"]) & v
+    if spec.family == "dppo":
+        inv = dppo_invalid(spec.kind, lp, lmu, adv, hp["delta"]) & v
         local["dppo_masked"] = inv.sum().to(f64)
         return None
-    if objective in DRPO_FAMILY:
-        w = drpo_weight(objective, lp, lmu, adv, hp["delta"], hp.get("dppo_delta"))[v]
-        local["drpo_w"] = w.sum()
-        local["drpo_neg"] = (w < 0).sum().to(f64)
-        return w
-    raise ValueError(f"unknown objective {objective!r}")
+    w = drpo_weight(spec.kind, lp, lmu, adv, hp["delta"], hp.get("dppo_delta"))[v]  # the drpo family
+    local["drpo_w"] = w.sum()
+    local["drpo_neg"] = (w < 0).sum().to(f64)
+    return w
