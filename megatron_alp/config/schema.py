@@ -13,8 +13,6 @@ from rollout.config import RolloutConfig
 
 from ..algo.config import AlgorithmConfig
 
-FAMILIES = ("qwen2", "qwen3", "llama")
-
 
 @dataclass
 class ModelConfig:

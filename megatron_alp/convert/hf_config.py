@@ -100,11 +100,6 @@ def model_config_from_hf(hf: Dict[str, Any], hf_path: Optional[str] = None) -> M
     return cfg
 
 
-def hf_dtype_name(hf: Dict[str, Any]) -> Optional[str]:
-    """The checkpoint dtype config.json declares (transformers 5: ``dtype``; before: ``torch_dtype``)."""
-    return hf.get("dtype") or hf.get("torch_dtype")
-
-
 def hf_config_for_export(model: ModelConfig, dtype: torch.dtype,
                          source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """config.json for an exported checkpoint: the source's (dtype updated) or one built from ``model``."""

@@ -44,8 +44,3 @@ def build_gpt_model(model, parallel, precision, block_spec=None, transformer_con
     if torch.cuda.is_available():
         gpt.cuda()
     return gpt
-
-
-def causal_attention_mask(seq_len: int, device=None) -> torch.Tensor:
-    """Megatron's boolean mask convention: True = masked out, shape [1, 1, s, s]."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]

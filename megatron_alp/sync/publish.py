@@ -35,8 +35,9 @@ from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
 
 from ..convert.hf_config import hf_config_for_export, read_hf_config
+from ..convert.hf_export import export_role, iter_hf_tensors
 from ..convert.mapping import WeightMap
-from .export import EXPORT_DTYPES, buckets, export_role, iter_hf_tensors
+from .export import EXPORT_DTYPES, buckets
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The actor: forward/backward over micro-batches with Megatron's schedule, the objective, the step.
 
-Data layout (``RLBatch``): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
+Data layout (:class:`~.batch.RLBatch`): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
 ``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
 Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
 sequence parallelism is on): Megatron's pipeline schedule sends fixed-shape activations between
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
 import torch
@@ -28,27 +27,9 @@ from ..algo.metrics import compute_metrics
 from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
 from ..model.alp import alp_forward
 from ..ops.logprob import vocab_parallel_logprobs
+from .batch import RLBatch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RLBatch:
-    """One data-parallel rank's share of a mini-batch (see module docstring)."""
-
-    tokens: torch.Tensor  # [N, L] int64
-    loss_mask: torch.Tensor  # [N, L] float/bool: counted response tokens
-    rollout_logp: torch.Tensor  # [N, L] fp32
-    advantages: torch.Tensor  # [N] fp32
-    old_logp: Optional[torch.Tensor] = None  # [N, L]
-    ref_logp: Optional[torch.Tensor] = None  # [N, L]
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def select(self, idx) -> "RLBatch":
-        return RLBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
-                          for f in fields(self)})
 
 
 class Actor:

@@ -16,7 +16,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..algo.advantages import compute_advantages
-from .actor import RLBatch
+from .batch import RLBatch
 from .batching import collate
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ N, L = 8, 12
 
 
 def _batch():
-    from megatron_alp.trainer.actor import RLBatch
+    from megatron_alp.trainer.batch import RLBatch
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, V, (N, L), generator=g)

@@ -10,7 +10,7 @@ from tests.distributed.layouts import V, build, make_cfg
 
 def _world(rank, world_size):
     from megatron_alp.model.sharding import full_state_dict
-    from megatron_alp.trainer.actor import RLBatch
+    from megatron_alp.trainer.batch import RLBatch
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
     from megatron_alp.trainer.setup import make_actor
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _world(rank, world_size, dtype):
     from megatron_alp.model.alp import alp_block_spec
-    from megatron_alp.trainer.actor import RLBatch
+    from megatron_alp.trainer.batch import RLBatch
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
     from megatron_alp.trainer.setup import make_actor
     from tests.distributed.layouts import V, build, make_cfg
