@@ -102,26 +102,8 @@ def compute_metrics(
         raise ValueError(f"metrics of objective {objective!r} need advantages")
     if spec is not None and spec.needs_old_logp and old_logp is None:
         raise ValueError(f"metrics of objective {objective!r} need old_logp")
-    m = _bool_mask(mask, shape)
     dev, f64 = logp.device, torch.float64
-    inputs = {"logp": logp, "rollout_logp": rollout_logp, "old_logp": old_logp}
-    if advantages is not None:
-        inputs["advantages"] = broadcast_advantages(advantages, shape)
-    local: Dict[str, torch.Tensor] = {}
-    bad = torch.zeros_like(m)
-    for k, t in inputs.items():
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{k} has shape {tuple(t.shape)}, expected {shape} (the shape of logp)")
-        nonfinite = m & ~torch.isfinite(t.detach())
-        local[f"train/nonfinite_{k}"] = nonfinite.sum().to(f64)
-        bad |= nonfinite
-    loss_valid = effective_mask(objective, m, logp, rollout_logp, advantages, old_logp)
-    local["train/dropped_tokens"] = (m & ~loss_valid).sum().to(f64)
-    v = m & ~bad
-    if spec is not None and spec.sequence_level:
-        v &= ~bad.any(dim=-1, keepdim=True)
+    _, v, inputs, local = _valid_tokens(spec, objective, logp, rollout_logp, mask, old_logp, advantages)
 
     def clean(t):
         return torch.where(v, t.detach().to(f64), torch.zeros((), dtype=f64, device=dev))
@@ -166,13 +148,57 @@ def compute_metrics(
     names = list(local)
     sums = all_reduce_(torch.stack([local[k].to(f64) for k in names]), "sum", group)
     g = dict(zip(names, sums))
+    out = _global_metrics(g, mx, shift_tok, shift_seq)
+
+    # Gathered values: exact quantiles and histogram samples.
+    tok_sorted = gather_values(x_tok, group).sort().values
+    seq_sorted = gather_values(x_seq, group).sort().values
+    _put_quantiles(out, "ratio/token", tok_sorted.exp())
+    _put_quantiles(out, "ratio/seq", seq_sorted.exp())
+    out["ratio/log_ratio_token_hist"] = subsample(tok_sorted, hist_samples, hist_seed)
+    out["ratio/log_ratio_seq_hist"] = subsample(seq_sorted, hist_samples, hist_seed)
+    if extra_values is not None:
+        _put_quantiles(out, "drpo/w", gather_values(extra_values, group).sort().values)
+    return out
+
+
+def _valid_tokens(spec, objective, logp, rollout_logp, mask, old_logp, advantages):
+    """(mask, the tokens measured, the inputs by name, local counts of non-finite inputs and of the
+    tokens the objective's loss dropped). A non-finite input excludes its token (its sequence, for
+    sequence-level objectives)."""
+    shape = tuple(logp.shape)
+    f64 = torch.float64
+    m = _bool_mask(mask, shape)
+    inputs = {"logp": logp, "rollout_logp": rollout_logp, "old_logp": old_logp}
+    if advantages is not None:
+        inputs["advantages"] = broadcast_advantages(advantages, shape)
+    local: Dict[str, torch.Tensor] = {}
+    bad = torch.zeros_like(m)
+    for k, t in inputs.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{k} has shape {tuple(t.shape)}, expected {shape} (the shape of logp)")
+        nonfinite = m & ~torch.isfinite(t.detach())
+        local[f"train/nonfinite_{k}"] = nonfinite.sum().to(f64)
+        bad |= nonfinite
+    loss_valid = effective_mask(objective, m, logp, rollout_logp, advantages, old_logp)
+    local["train/dropped_tokens"] = (m & ~loss_valid).sum().to(f64)
+    v = m & ~bad
+    if spec is not None and spec.sequence_level:
+        v &= ~bad.any(dim=-1, keepdim=True)
+    return m, v, inputs, local
+
+
+def _global_metrics(g: Dict[str, torch.Tensor], mx: torch.Tensor, shift_tok, shift_seq) -> Dict[str, torch.Tensor]:
+    """The scalar metrics from the global sums ``g`` and maxima ``mx`` (the ESS/chi2 shifts)."""
     n_tok, n_seq = g["train/tokens"], g["train/sequences"]
     nan = float("nan")
-    out: Dict[str, torch.Tensor] = {k: g[k] for k in names if k.startswith("train/")}
+    out: Dict[str, torch.Tensor] = {k: v for k, v in g.items() if k.startswith("train/")}
     out["train/response_length_mean"] = _div(n_tok, n_seq, nan)
-    if entropy is not None:
+    if "entropy" in g:
         out["train/entropy"] = _div(g["entropy"], n_tok, nan)
-    if adv is not None:
+    if "adv" in g:
         out["train/advantage_mean"] = _div(g["adv"], n_tok, nan)
         out["drpo/beyond_dppo_frac"] = _div(g["beyond"], n_tok, 0.0)
     out["mismatch/k1"] = _div(g["k1"], n_tok, nan)
@@ -191,16 +217,6 @@ def compute_metrics(
     for key, num, den in _OBJECTIVE_FRACTIONS:
         if num in g:
             out[key] = _div(g[num], n_seq if den == "seq" else n_tok, 0.0 if key.endswith("_frac") else nan)
-
-    # Gathered values: exact quantiles and histogram samples.
-    tok_sorted = gather_values(x_tok, group).sort().values
-    seq_sorted = gather_values(x_seq, group).sort().values
-    _put_quantiles(out, "ratio/token", tok_sorted.exp())
-    _put_quantiles(out, "ratio/seq", seq_sorted.exp())
-    out["ratio/log_ratio_token_hist"] = subsample(tok_sorted, hist_samples, hist_seed)
-    out["ratio/log_ratio_seq_hist"] = subsample(seq_sorted, hist_samples, hist_seed)
-    if extra_values is not None:
-        _put_quantiles(out, "drpo/w", gather_values(extra_values, group).sort().values)
     return out
 
 
