@@ -37,7 +37,8 @@ test-unit: $(STAMP)
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed
 
-# A real one-node SLURM (installs slurm-wlm + munge with apt when missing; root), then sbatch jobs.
+# A real one-node SLURM (needs slurm-wlm + munge, as root: .ci/run installs them in CI; the tests
+# skip with the reason otherwise), then sbatch jobs.
 test-slurm: $(STAMP)
 	$(PY) -m pytest tests/slurm tests/unit/test_launch_plan.py tests/unit/test_launch_engines.py
 
