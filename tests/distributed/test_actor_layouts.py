@@ -11,6 +11,8 @@ import torch
 from megatron_alp.runtime.spawn import run_world
 from tests.distributed.layouts import V, build, make_cfg
 
+pytestmark = pytest.mark.slow  # several spawned worlds per case (make test still runs it)
+
 N, L = 8, 12
 
 

@@ -89,7 +89,7 @@ def test_layouts_match_tp1(tie):
     ref, _ = results[0]
     for ref_r, res in results:
         # Both ranks computed the same reference.
-        torch.testing.assert_close(ref_r["loss"], ref["loss"], rtol=0, atol=0)
+        torch.testing.assert_close(ref_r["loss"], ref["loss"], rtol=1e-6, atol=1e-7)  # two processes: no bitwise claim
         for key in ("tp2_sp0", "tp2_sp1"):
             torch.testing.assert_close(res[key]["logits"], ref["logits"], rtol=1e-5, atol=2e-5, msg=f"{key} logits")
             torch.testing.assert_close(res[key]["loss"], ref["loss"], rtol=1e-6, atol=2e-5, msg=f"{key} loss")
