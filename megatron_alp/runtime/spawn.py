@@ -108,10 +108,13 @@ PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state", "megatr
 
 
 def _context():
-    """Where world processes come from: a forkserver with :data:`PRELOAD` imported (Linux), or
-    ``spawn`` (elsewhere, or with ``MEGATRON_ALP_START_METHOD=spawn``). Neither inherits the
-    caller's threads or CUDA state: the forkserver never runs a torch op."""
-    method = os.environ.get("MEGATRON_ALP_START_METHOD", "forkserver")
+    """Where world processes come from: a forkserver with :data:`PRELOAD` imported (Linux without an
+    NVIDIA GPU), or ``spawn`` (elsewhere, or with ``MEGATRON_ALP_START_METHOD=spawn``). Neither
+    inherits the caller's threads or state: the forkserver never runs a torch op. With a GPU the
+    imports may touch the CUDA driver (``torch.cuda.is_available()``), which a fork must not
+    inherit, so GPU machines spawn."""
+    default = "spawn" if os.path.exists("/dev/nvidiactl") else "forkserver"
+    method = os.environ.get("MEGATRON_ALP_START_METHOD", default)
     if method not in mp.get_all_start_methods():
         method = "spawn"
     ctx = mp.get_context(method)
