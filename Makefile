@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-unit test-distributed test-slurm bench lint venv clean
+.PHONY: demo test test-unit test-distributed test-slurm bench lint venv clean gpu-wheels gpu-check
 
 venv: $(STAMP)
 
@@ -48,6 +48,21 @@ bench: $(STAMP)
 # Rules in pyproject.toml ([tool.ruff.lint]); the same hook for contributors: .pre-commit-config.yaml.
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_alp rollout tools bench tests
+
+# The GPU kit (docs/gpu.md). `gpu-wheels` (here, with network) downloads the cp312 manylinux wheels a
+# lent GPU machine lacks (Python 3.12, torch 2.11; no network there); `gpu-check` (there) installs
+# them into a private target dir and runs every GPU check under its own time limit (8 min in all).
+GPU_WHEELS ?= gpu_wheels
+GPU_WHEEL_REQS := megatron-core==0.16.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+GPU_PY ?= python3
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		-d $(GPU_WHEELS) $(GPU_WHEEL_REQS)
+	@ls -1 $(GPU_WHEELS)/*.whl && du -cb $(GPU_WHEELS)/*.whl | tail -1 | awk '{printf "total %.1f MiB\n", $$1/1048576}'
+
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs demo_out

@@ -40,11 +40,13 @@ def run(args):
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
     from megatron_alp.runtime.distributed import init_parallel_state
 
+    heads = args.heads or args.hidden // 64
     overrides = [
         f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-        f"model.ffn_hidden_size={args.hidden * 8 // 3 // 64 * 64}", f"model.num_attention_heads={args.hidden // 64}",
-        f"model.num_query_groups={max(1, args.hidden // 256)}", f"model.vocab_size={args.vocab}",
+        f"model.ffn_hidden_size={args.ffn or args.hidden * 8 // 3 // 64 * 64}", f"model.num_attention_heads={heads}",
+        f"model.num_query_groups={args.groups or max(1, args.hidden // 256)}", f"model.vocab_size={args.vocab}",
         f"model.max_position_embeddings={args.seq}", "alp.enabled=true", "alp.sigma_init=0.02",
+        f"precision.train={args.precision}",
     ]
     cfg = load_config(None, overrides)
     init_parallel_state(cfg.parallel, cfg.model, seed=1)
@@ -90,7 +92,9 @@ def run(args):
     hidden_bytes = args.batch * args.seq * args.hidden * 4
     res = {
         "device": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.machine()})",
-        "shape": {"layers": args.layers, "hidden": args.hidden, "batch": args.batch, "seq": args.seq, "vocab": args.vocab},
+        "shape": {"layers": args.layers, "hidden": args.hidden, "batch": args.batch, "seq": args.seq, "vocab": args.vocab,
+                  "heads": cfg.model.num_attention_heads, "groups": cfg.model.num_query_groups,
+                  "ffn": cfg.model.ffn_hidden_size, "precision": args.precision},
         "fwd_bwd_s_off": t_off, "fwd_bwd_s_on": t_on, "time_ratio_on_over_off": t_on / t_off,
         "saved_bytes_off": saved[False], "saved_bytes_on": saved[True],
         "saved_extra_bytes": saved[True] - saved[False],
@@ -108,6 +112,10 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
+    parser.add_argument("--groups", type=int, default=None, help="KV groups (default hidden / 256)")
+    parser.add_argument("--ffn", type=int, default=None, help="FFN width (default 8/3 hidden, rounded to 64)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 needs a GPU")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -13,6 +13,8 @@ methods are measured in the same run, interleaved rep by rep, on the same shard:
 * ``megatron``: ``tensor_parallel.vocab_parallel_cross_entropy`` (log-prob only, no padding or
   temperature support; on fp32 input it overwrites the logits, so every method gets a fresh copy
   made outside the timed region);
+* ``megatron+H``: the same plus a separate entropy that keeps the fp32 softmax for backward (the
+  way peers add entropy next to Megatron's CE);
 * ``ours`` / ``ours+H``: :func:`megatron_alp.ops.logprob.vocab_parallel_logprobs`.
 
 Time: forward + backward of ``sum(output)``, the minimum over the reps, the maximum over ranks.
@@ -44,7 +46,7 @@ import torch
 
 from megatron_alp.runtime.spawn import run_world
 
-METHODS = ("naive", "naive+H", "megatron", "ours", "ours+H")
+METHODS = ("naive", "naive+H", "megatron", "megatron+H", "ours", "ours+H")
 # naive+H is the slowest by far (~5 s a rep at the default size on 2 cores): opt in with --methods.
 DEFAULT_METHODS = ("naive", "megatron", "ours", "ours+H")
 QWEN_VOCAB = 151936
@@ -112,7 +114,21 @@ def _methods(target, vocab_size, group, tp):
         out = vocab_parallel_logprobs(z, target, tp_group=group, vocab_size=vocab_size, with_entropy=entropy)
         return out[0] + out[1] if entropy else out
 
+    def softmax_entropy(z):
+        # The way peers add entropy next to Megatron's CE (e.g. verl's vocab-parallel entropy):
+        # fp32 softmax of the shard kept for backward, sums all-reduced over TP.
+        zf = z.float() if z.dtype != torch.float32 else z.clone()  # Megatron's CE edits fp32 logits in place
+        m = zf.detach().max(-1, keepdim=True).values
+        if tp > 1:
+            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        e = (zf - m).exp()
+        s = tensor_parallel.reduce_from_tensor_model_parallel_region(e.sum(-1, keepdim=True))
+        p = e / s
+        pz = tensor_parallel.reduce_from_tensor_model_parallel_region((p * zf).sum(-1))
+        return (s.log() + m).squeeze(-1) - pz
+
     return {
+        "megatron+H": lambda z: softmax_entropy(z) - tensor_parallel.vocab_parallel_cross_entropy(z, target),
         "naive": lambda z: naive(z, False),
         "naive+H": lambda z: naive(z, True),
         "megatron": lambda z: -tensor_parallel.vocab_parallel_cross_entropy(z, target),

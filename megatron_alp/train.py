@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from typing import Dict
 
 import torch.distributed as dist
 
 from .sync.weight_sync import WeightSync
 from .trainer.batching import mini_batches
-from .trainer.checkpoint import Checkpointer
+from .trainer.checkpoint import Checkpointer, CheckpointError
+from .trainer.evaluation import Evaluator
 from .trainer.guard import NonFiniteGuard
 from .trainer.monitor import make_monitor, tensorboard_hint
+from .trainer.preempt import Abort, RolloutFailure, TrainingStopped, rollout_or_abort
 from .trainer.setup import StopFlag, load_and_check, setup
 from .trainer.step_metrics import StepClock, step_metrics
 
@@ -38,17 +42,28 @@ def train(cfg) -> Dict[str, float]:
     sync = WeightSync(cfg.bus, cfg.rollout, cfg.model, [trainer.ddp], rank)
     guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
     stop = StopFlag()
-    driver = None
+    driver = evaluator = None
     last: Dict[str, float] = {}
+
+    def loop_state():  # what a resume needs beyond the model and the optimizer
+        return {"bus_version": version, "driver": driver.state_dict() if rank == 0 else None}
+
     try:
         engine_path = sync.initial(version, resumed=bool(resumed))  # the engines start on these weights
         if rank == 0:
             driver = _start_driver(cfg, trainer.run_dir, engine_path, resumed.get("driver"), monitor)
+            evaluator = Evaluator(cfg.eval, cfg.rollout, driver, monitor, trainer.run_dir)
         sync.attach(driver)
+        if rank == 0 and start == 0:
+            evaluator.maybe_run(0, cfg.run.steps)  # the starting weights (eval.at_start)
         for step in range(start, cfg.run.steps):
             clock = StepClock()
-            # 1. rollout on the driver, the batch to every rank.
-            batch, rollout_metrics = _from_rank0(driver.rollout(step, version) if rank == 0 else None)
+            # 1. rollout on the driver, the batch to every rank (or why not: checkpoint, then stop).
+            stopping = stop.any_rank()
+            payload = _from_rank0(rollout_or_abort(driver, stop, stopping, step, version) if rank == 0 else None)
+            if isinstance(payload, Abort):
+                raise payload.error(step, checkpoints.maybe_save(step, loop_state(), force=True))
+            batch, rollout_metrics = payload
             local = trainer.shard(batch)
             with clock.phase("train"):
                 # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch), reference.
@@ -74,13 +89,14 @@ def train(cfg) -> Dict[str, float]:
                 last = metrics
             # 6. checkpoint: every N steps, at the end, on SIGTERM, and before giving up on NaNs.
             stopping = stop.any_rank()
-            loop_state = {"bus_version": version, "driver": driver.state_dict() if rank == 0 else None}
-            checkpoints.maybe_save(step + 1, loop_state, force=stopping or guard.exhausted)
+            checkpoints.maybe_save(step + 1, loop_state(), force=stopping or guard.exhausted)
             if guard.exhausted:
                 raise guard.error(checkpoints.root)
             if stopping:
-                logger.warning("stopped by signal after step %d; resume with the same command", step + 1)
-                break
+                raise TrainingStopped(stop.signum or 15, f"stopped by signal {stop.signum} after step {step + 1}; "
+                                      f"checkpoint in {checkpoints.root}; resume with the same command")
+            if rank == 0:  # benchmarks on the committed version (eval.interval, eval.final), after the checkpoint
+                evaluator.maybe_run(version, cfg.run.steps)
     finally:
         sync.close()
         if driver is not None:
@@ -127,11 +143,36 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_third_party()
-    cfg = load_and_check(args.config, args.overrides)
-    train(cfg)
+    _die_with_torchrun()
+    try:
+        cfg = load_and_check(args.config, args.overrides)
+    except ValueError as e:  # ConfigError included: one line, once (rank 0), no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr)  # noqa: T201 - the CLI's one line, before any logging
+        return 2
+    code = 0
+    try:
+        train(cfg)
+    except TrainingStopped as e:  # checkpointed, engines stopped; every rank has the same message
+        if dist.get_rank() == 0:
+            logger.warning("%s", e)
+        code = 128 + e.signum
+    except (RolloutFailure, CheckpointError) as e:
+        if dist.get_rank() == 0:
+            logger.error("%s", e)
+        code = 1
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return code
+
+
+def _die_with_torchrun() -> None:
+    """Under torchrun, a SIGKILLed agent must not leave this worker (and, through the engines' own
+    PR_SET_PDEATHSIG, its engines) running: the kernel kills us when our parent dies."""
+    from rollout.engines.processes import set_parent_death_signal
+
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != 1:
+        set_parent_death_signal(expected_parent=os.getppid())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ rollout package never imports the trainer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -131,16 +132,32 @@ class SandboxConfig:
     """Address-space limit of the child (RLIMIT_AS)."""
     max_output_chars: int = 16384
     """Characters of stdout/stderr read back (before the token budget is applied)."""
+    isolation: Literal["auto", "bwrap", "none"] = "auto"
+    """`bwrap`: OS-level isolation with bubblewrap (namespaces, seccomp, read-only runtime; the
+    security boundary; see docs/rollout.md). `none`: the unisolated fallback (a subprocess with
+    resource limits and an audit hook, not a boundary), which refuses to run as root unless
+    `allow_unisolated_root`. `auto`: bwrap when it works here, else the fallback (with a warning)."""
+    allow_unisolated_root: bool = False
+    """Let the unisolated fallback run model-written code while we are root (not recommended)."""
+    user: str = "nobody"
+    """When we are root: the unprivileged host user the sandbox (bwrap and the code) runs as."""
+    max_processes: int = 32
+    """Process/thread limit of one execution (RLIMIT_NPROC, counted per sandbox namespace)."""
+    disk_mb: int = 64
+    """Size of the private tmpfs work directory (bwrap isolation)."""
     network: Literal["auto", "namespace", "audit"] = "auto"
-    """No-network method: a private network namespace (root), an audit hook refusing sockets, or
-    `auto` (namespace when permitted, plus the audit hook in every case)."""
+    """Unisolated fallback only (bwrap always gives a network namespace with only a downed
+    loopback): a private network namespace (root), an audit hook refusing sockets, or `auto`."""
     drop_privileges: bool = True
-    """When running as root, run the child as the unprivileged user `nobody`."""
+    """Unisolated fallback only: when running as root, run the child as the user `nobody`."""
     max_concurrent: int = 4
     """Tool executions running at once in one rollout process."""
 
     def validate(self) -> None:
-        _positive("rollout.sandbox", self, "timeout_s", "memory_mb", "max_output_chars", "max_concurrent")
+        _positive("rollout.sandbox", self, "timeout_s", "memory_mb", "max_output_chars", "max_concurrent",
+                  "max_processes", "disk_mb")
+        if self.isolation not in ("auto", "bwrap", "none"):
+            raise ValueError(f"rollout.sandbox.isolation must be auto, bwrap or none, got {self.isolation!r}")
 
 
 @dataclass
@@ -209,6 +226,12 @@ class RolloutConfig:
     reward: str = "math"
     """Reward function: `math` (math-verify on the boxed answer), `synthetic`, or a dotted path
     `package.module:function` (signature in docs/rollout.md)."""
+    reward_on_error: Literal["fail_sample", "stop"] = "fail_sample"
+    """A reward function that raises or returns NaN/inf: `fail_sample` scores that sample
+    `reward_failed_value` (counted in `rollout/reward_failures`); `stop` ends the run with a
+    checkpoint and a one-line error."""
+    reward_failed_value: float = 0.0
+    """The reward of a sample whose reward function failed (`reward_on_error: fail_sample`)."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """SGLang launch options."""
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -235,6 +258,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not math.isfinite(self.reward_failed_value):
+            raise ValueError(f"rollout.reward_failed_value must be finite, got {self.reward_failed_value}")
         if self.host not in LOCAL_HOSTS and not self.api_key:
             raise ValueError(f"rollout.host = {self.host} exposes the engines: set rollout.api_key")
         if not 0 <= self.base_port < 65536:

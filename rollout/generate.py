@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import zlib
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -26,6 +27,16 @@ from .sandbox import Sandbox
 from .tir import run_tool_loop
 
 logger = logging.getLogger(__name__)
+
+
+class RewardError(RuntimeError):
+    """The reward function raised or returned a non-finite value and ``rollout.reward_on_error`` is stop."""
+
+
+def reward_failures(samples: Sequence[Sample]) -> int:
+    """Samples whose reward function raised or returned a non-finite value (scored
+    ``rollout.reward_failed_value`` by :meth:`RolloutGenerator._score`)."""
+    return sum("reward_error" in s.metadata for s in samples)
 
 
 def sample_seed(seed: int, group_id: int, index: int, prompt_ids: Sequence[int]) -> int:
@@ -81,10 +92,22 @@ class RolloutGenerator:
         meta = dict(prompt.metadata)
         meta.update(finish_reason=s.finish_reason, num_turns=s.num_turns,
                     tool_statuses=s.metadata.get("tool_statuses", []))
-        value = self.reward_fn(prompt.text, s.response_text, prompt.label, meta)
-        if inspect.isawaitable(value):
-            value = await value
-        return float(value)
+        try:
+            value = self.reward_fn(prompt.text, s.response_text, prompt.label, meta)
+            if inspect.isawaitable(value):
+                value = await value
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"returned {value}")
+            return value
+        except Exception as e:  # noqa: BLE001 - the user's function: any failure scores the sample failed
+            error = f"rollout.reward {self.cfg.reward!r} failed on sample {s.group_id}/{s.index}: " \
+                    f"{type(e).__name__}: {e}"
+            if self.cfg.reward_on_error == "stop":
+                raise RewardError(error) from e
+            logger.warning("%s; scored %g (rollout.reward_failed_value)", error, self.cfg.reward_failed_value)
+            s.metadata["reward_error"] = error
+            return float(self.cfg.reward_failed_value)
 
     async def generate_group(self, prompt: Prompt, group_id: int, seed: Optional[int] = None) -> List[Sample]:
         """``cfg.n_samples`` samples of one prompt (one GRPO group)."""

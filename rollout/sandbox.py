@@ -1,25 +1,21 @@
-"""Run model-written Python in a confined subprocess (the tool of multi-turn TIR).
+"""Run model-written Python in an isolated subprocess (the tool of multi-turn TIR).
 
-Each call gets a fresh private temporary directory (its working directory, removed afterwards)
-and a child process (``rollout/sandbox_child.py`` under ``python -I``) in its own session with:
+Each call gets a fresh private work directory and a child process (``rollout/sandbox_child.py``
+under ``python -I``). Isolation (``rollout.sandbox.isolation``; threat model in docs/rollout.md):
 
-- **wall time**: the parent kills the child's whole process group after ``timeout_s``
-  (RLIMIT_CPU is a second, CPU-time backstop);
-- **memory**: RLIMIT_AS = ``memory_mb`` (an allocation beyond it raises MemoryError -> status
-  ``memory``);
-- **no network**: ``network="namespace"`` puts the child in a new network namespace
-  (``unshare(CLONE_NEWNET)``, needs root: only a downed loopback exists, every connection fails);
-  ``"audit"`` relies on a PEP 578 audit hook that refuses socket creation and connections;
-  ``"auto"`` (default) uses the namespace when permitted and the hook always;
-- **file system**: the audit hook refuses writes, deletes, renames, chmods and links outside the
-  private directory; when we are root the child also drops to the user ``nobody``;
-- **no escape hatches**: process creation (fork, exec, subprocess, os.system), ``ctypes`` and
-  signals to other processes are refused by the same hook;
-- **output**: stdout/stderr go to files outside the private directory (RLIMIT_FSIZE caps them)
-  and at most ``max_output_chars`` of each is read back.
+- ``bwrap`` (the boundary; :mod:`rollout.sandbox_bwrap`): bubblewrap's user/PID/mount/network/IPC
+  namespaces, no capabilities, ``no_new_privs``, a seccomp filter, a read-only view of only the
+  shared libraries and the Python runtime, a size-capped private tmpfs work dir, no network at all,
+  an unprivileged user on the host too (root drops to ``rollout.sandbox.user`` first,
+  :mod:`rollout.sandbox_launch`), and the whole process tree killed with its PID namespace;
+- ``none`` (the fallback where bubblewrap cannot run): a subprocess in its own session with the
+  same resource limits and an audit hook. That is not a boundary, so it refuses to run as root
+  unless ``allow_unisolated_root``; ``auto`` picks bwrap when it works here.
 
-An audit hook is a guard against accidents and naive code, not a security boundary against a
-determined attacker; run rollouts in a container or VM when the policy is untrusted.
+In both: wall time (the tree is killed after ``timeout_s``; RLIMIT_CPU backstop), memory
+(RLIMIT_AS = ``memory_mb``; status ``memory``), processes (RLIMIT_NPROC = ``max_processes``), output
+to files outside the sandbox (RLIMIT_FSIZE caps them; ``max_output_chars`` read back), and the PEP
+578 audit hook as a friendly early error for naive code (never relied on).
 """
 
 from __future__ import annotations
@@ -38,11 +34,13 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from . import sandbox_bwrap as bw
 from .config import SandboxConfig
 
 logger = logging.getLogger(__name__)
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launch.py")
 MEMORY_EXIT, SETUP_EXIT = 3, 4
 
 
@@ -89,6 +87,28 @@ def _nobody() -> Optional[tuple]:
     return pw.pw_uid, pw.pw_gid
 
 
+def _child_env() -> dict:
+    return {"PATH": "/usr/bin:/bin", "HOME": bw.INSIDE_WORK, "TMPDIR": bw.INSIDE_WORK, "LANG": "C.UTF-8",
+            "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _choose_isolation(cfg: SandboxConfig) -> bool:
+    """True for bubblewrap isolation; the fallback only where allowed (never silently as root)."""
+    if cfg.isolation == "none":
+        reason = "rollout.sandbox.isolation=none"
+    else:
+        reason = bw.bwrap_unusable(cfg.user)
+        if reason is None:
+            return True
+        if cfg.isolation == "bwrap":
+            raise RuntimeError(f"rollout.sandbox.isolation=bwrap: {reason}")
+    if os.geteuid() == 0 and not cfg.allow_unisolated_root:
+        raise RuntimeError(f"rollout.sandbox: refusing to run model-written code as root without OS isolation "
+                           f"({reason}); install bubblewrap, or set rollout.sandbox.allow_unisolated_root=true")
+    logger.warning("sandbox: running tool code WITHOUT OS isolation (%s); the audit hook is not a boundary", reason)
+    return False
+
+
 def _read(path: str, limit: int) -> tuple:
     with open(path, "rb") as f:
         data = f.read(limit * 4 + 4)
@@ -102,7 +122,13 @@ class Sandbox:
     def __init__(self, config: Optional[SandboxConfig] = None):
         self.cfg = config or SandboxConfig()
         self._sem = asyncio.Semaphore(self.cfg.max_concurrent)
-        self._ids = _nobody() if (self.cfg.drop_privileges and os.geteuid() == 0) else None
+        self.isolated = _choose_isolation(self.cfg)
+        self._ids = None
+        if self.isolated and os.geteuid() == 0:
+            pw = pwd.getpwnam(self.cfg.user)
+            self._ids = (pw.pw_uid, pw.pw_gid)
+        elif not self.isolated and self.cfg.drop_privileges and os.geteuid() == 0:
+            self._ids = _nobody()
 
     async def run(self, code: str) -> ToolResult:
         async with self._sem:
@@ -112,6 +138,67 @@ class Sandbox:
         return asyncio.run(self._run(code))
 
     async def _run(self, code: str) -> ToolResult:
+        if self.isolated:
+            return await self._run_isolated(code)
+        return await self._run_unisolated(code)
+
+    async def _run_isolated(self, code: str) -> ToolResult:
+        cfg = self.cfg
+        outer = tempfile.mkdtemp(prefix="rollout-tool-")
+        seccomp = None
+        try:
+            os.chmod(outer, 0o711)
+            run_dir = os.path.join(outer, "run")
+            os.mkdir(run_dir, 0o755)
+            for name, text in (("code.py", code), ("child.py", open(CHILD).read())):
+                with open(os.path.join(run_dir, name), "w") as f:
+                    f.write(text)
+                os.chmod(os.path.join(run_dir, name), 0o644)
+            child_cfg = {"dir": bw.INSIDE_WORK, "code_file": bw.INSIDE_RUN + "/code.py", "network": "isolated",
+                         "memory_bytes": cfg.memory_mb * 1024 * 1024, "cpu_s": int(cfg.timeout_s) + 1,
+                         "fsize_bytes": max(1 << 20, 8 * cfg.max_output_chars), "uid": None,
+                         "max_processes": cfg.max_processes}
+            child = [sys.executable, "-I", bw.INSIDE_RUN + "/child.py", json.dumps(child_cfg)]
+            seccomp = bw.seccomp_fd()
+            sources = None
+            if self._ids is not None:
+                sources, pairs = bw.staging(run_dir, os.path.join(outer, "ro"))
+            argv = bw.bwrap_command(run_dir, child, cfg.disk_mb, seccomp, sources, _child_env())
+            if self._ids is not None:
+                spec = {"binds": pairs, "uid": self._ids[0], "gid": self._ids[1], "argv": argv}
+                argv = [sys.executable, "-I", "-S", LAUNCH, json.dumps(spec)]
+            return await self._execute(argv, outer, outer, {"PATH": "/usr/bin:/bin"},
+                                       [seccomp] if seccomp is not None else [])
+        finally:
+            if seccomp is not None:
+                os.close(seccomp)
+            shutil.rmtree(outer, ignore_errors=True)
+
+    async def _execute(self, argv, outer: str, cwd: str, env: dict, pass_fds) -> ToolResult:
+        """Run ``argv`` in its own session, stdout/stderr to files in ``outer``; kill its tree at the end."""
+        cfg = self.cfg
+        out_path, err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
+        start = time.monotonic()
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd, env=env,
+                start_new_session=True, pass_fds=pass_fds)
+        timed_out = False
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=cfg.timeout_s)
+        except asyncio.TimeoutError:
+            timed_out = True
+        finally:
+            self._kill_group(proc.pid)
+            if proc.returncode is None:
+                await proc.wait()
+        duration = time.monotonic() - start
+        stdout, t1 = _read(out_path, cfg.max_output_chars)
+        stderr, t2 = _read(err_path, cfg.max_output_chars)
+        rc = proc.returncode
+        return ToolResult(self._status(rc, timed_out, stderr), stdout, stderr, rc, duration, t1 or t2)
+
+    async def _run_unisolated(self, code: str) -> ToolResult:
         cfg = self.cfg
         outer = tempfile.mkdtemp(prefix="rollout-tool-")
         work = os.path.join(outer, "work")
@@ -129,29 +216,11 @@ class Sandbox:
                 "memory_bytes": cfg.memory_mb * 1024 * 1024, "cpu_s": int(cfg.timeout_s) + 1,
                 "fsize_bytes": max(1 << 20, 8 * cfg.max_output_chars),
                 "uid": self._ids[0] if self._ids else None, "gid": self._ids[1] if self._ids else None,
+                "max_processes": cfg.max_processes,
             }
-            out_path, err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
             env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
                    "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-            start = time.monotonic()
-            with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-I", CHILD, json.dumps(child_cfg), stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out, stderr=err, cwd=work, env=env, start_new_session=True)
-            timed_out = False
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=cfg.timeout_s)
-            except asyncio.TimeoutError:
-                timed_out = True
-            finally:
-                self._kill_group(proc.pid)
-                if proc.returncode is None:
-                    await proc.wait()
-            duration = time.monotonic() - start
-            stdout, t1 = _read(out_path, cfg.max_output_chars)
-            stderr, t2 = _read(err_path, cfg.max_output_chars)
-            rc = proc.returncode
-            return ToolResult(self._status(rc, timed_out, stderr), stdout, stderr, rc, duration, t1 or t2)
+            return await self._execute([sys.executable, "-I", CHILD, json.dumps(child_cfg)], outer, work, env, [])
         finally:
             shutil.rmtree(outer, ignore_errors=True)
 
@@ -168,6 +237,6 @@ class Sandbox:
             return "timeout"
         if rc == MEMORY_EXIT or "MemoryError" in stderr[-300:]:
             return "memory"
-        if rc == SETUP_EXIT:
+        if rc == SETUP_EXIT or stderr.startswith(("bwrap:", "sandbox:")):
             return "setup"
         return "ok" if rc == 0 else "error"

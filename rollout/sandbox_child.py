@@ -1,11 +1,12 @@
 """The sandbox child: confine this process, then run the model's code. Standard library only.
 
-Run as ``python -I sandbox_child.py CONFIG_JSON`` by :mod:`rollout.sandbox` (never imported).
-In order: (1) a private network namespace when asked and permitted (``unshare(CLONE_NEWNET)``:
-only a downed loopback exists, so every connection fails), (2) drop root to ``nobody``, (3)
-resource limits (address space, CPU seconds, file size, no core dumps), (4) an audit hook
-(PEP 578) that refuses sockets (unless the namespace alone was asked for), process creation, ``ctypes`` and any write, rename, delete,
-chmod or link outside the private directory, (5) run the code as ``__main__``.
+Run as ``python -I sandbox_child.py CONFIG_JSON`` by :mod:`rollout.sandbox` (never imported),
+inside bubblewrap's namespaces (:mod:`rollout.sandbox_bwrap`, the boundary) or, in the unisolated
+fallback, directly. In order: (1) in the fallback, a private network namespace when asked and
+permitted, (2) in the fallback, drop root to ``nobody``, (3) resource limits (address space, CPU
+seconds, file size, processes, no core dumps), (4) an audit hook (PEP 578) that refuses sockets,
+process creation, ``ctypes`` and writes outside the work directory: a friendly early error for
+naive code, never the boundary (the code can disarm it), (5) run the code as ``__main__``.
 Exit codes: 0 ok, 1 uncaught exception, 3 memory limit, 4 confinement could not be set up.
 """
 
@@ -47,6 +48,9 @@ def _limits(cfg: dict) -> None:
     fsize = int(cfg["fsize_bytes"])
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if cfg.get("max_processes"):
+        procs = int(cfg["max_processes"])
+        resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
 
 
 def _install_hook(root: str, block_sockets: bool) -> None:
@@ -85,7 +89,7 @@ def main() -> None:
     cfg = json.loads(sys.argv[1])
     with open(cfg["code_file"]) as f:
         code = f.read()
-    if cfg["network"] in ("namespace", "auto"):
+    if cfg["network"] in ("namespace", "auto"):  # "isolated": bwrap already made a new one
         if not _unshare_network() and cfg["network"] == "namespace":
             sys.stderr.write("sandbox: cannot create a network namespace (needs root)\n")
             os._exit(SETUP_EXIT)

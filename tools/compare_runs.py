@@ -8,7 +8,9 @@ glob of any of these) may match several runs: every directory holding ``events.o
 files is one run, and the runs of one label are its seeds (grouped: mean over seeds, min/max band).
 A bare PATH is labelled with its own name.
 
-Writes ``<prefix>summary.md`` and ``<prefix>summary.csv`` (one row per run and one per label) and
+Writes ``<prefix>summary.md`` and ``<prefix>summary.csv`` (one row per run and one per label),
+``<prefix>eval.md`` / ``<prefix>eval.csv`` when the runs logged benchmark evaluations (eval.*: each
+benchmark's avg@n at the last evaluated step and their average, the papers' table shape), and
 the PNG plots ``<prefix>ratio_envelope.png`` (token ratio pi/mu, p0.1 to p99.9 shaded, per step),
 ``<prefix>kl_k3.png`` (mismatch/k3), ``<prefix>ratio_max.png`` and ``<prefix>reward.png``.
 
@@ -191,6 +193,60 @@ def markdown_table(rows: List[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Benchmark evaluation (eval/<benchmark>/avg@n, written by eval.interval / eval.final)
+
+
+def eval_tags(groups: Dict[str, List[Run]]) -> List[str]:
+    """The ``eval/<benchmark>/avg@n`` tags present in any run, sorted by benchmark."""
+    return sorted({t for runs in groups.values() for r in runs for t in r.scalars
+                   if t.startswith("eval/") and "/avg@" in t})
+
+
+def eval_rows(groups: Dict[str, List[Run]]) -> List[dict]:
+    """One row per label: each benchmark's avg@n at the run's last evaluated step (mean over seeds),
+    and their average over benchmarks, in percent: the shape of the papers' tables."""
+    tags = eval_tags(groups)
+    rows = []
+    for label, runs in groups.items():
+        row = {"label": label, "n": len(runs)}
+        for tag in tags:
+            finals = [r.scalars[tag][max(r.scalars[tag])] for r in runs if r.scalars.get(tag)]
+            row[tag] = 100 * float(np.mean(finals)) if finals else math.nan
+            row[tag + " step"] = min((max(r.scalars[tag]) for r in runs if r.scalars.get(tag)), default=-1)
+        vals = [row[t] for t in tags if math.isfinite(row[t])]
+        row["average"] = float(np.mean(vals)) if len(vals) == len(tags) and vals else math.nan
+        rows.append(row)
+    return rows
+
+
+def eval_markdown(rows: List[dict], tags: List[str]) -> str:
+    names = [t.split("/")[1] + " " + t.split("/")[2] for t in tags]
+    lines = ["| run | seeds | " + " | ".join(names) + " | average |", "|---" * (len(tags) + 3) + "|"]
+    for r in rows:
+        cells = [f"{r[t]:.2f}" if math.isfinite(r[t]) else "-" for t in tags]
+        avg = f"{r['average']:.2f}" if math.isfinite(r["average"]) else "-"
+        lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_eval(groups: Dict[str, List[Run]], out: str, prefix: str = "") -> Optional[str]:
+    """``<prefix>eval.md`` / ``<prefix>eval.csv`` when the runs logged benchmark evaluations."""
+    tags = eval_tags(groups)
+    if not tags:
+        return None
+    rows = eval_rows(groups)
+    table = eval_markdown(rows, tags)
+    with open(os.path.join(out, f"{prefix}eval.md"), "w") as f:
+        f.write("Benchmark accuracy (avg@n, percent) at each run's last evaluation; mean over seeds.\n\n" + table)
+    with open(os.path.join(out, f"{prefix}eval.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["label", "n", *tags, "average"], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -346,6 +402,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{args.prefix}summary.md"), "w") as f:
         f.write(table)
     print(table)
+    evals = write_eval(groups, args.out, args.prefix)
+    if evals:
+        print(evals)
     if not args.no_plots:
         for path in plot_all(groups, args.out, args.prefix, args.smooth):
             logger.info("wrote %s", path)

@@ -40,12 +40,21 @@ from megatron_alp.convert.world import DTYPE_ARGS, run_command  # noqa: E402
 
 
 def _size(text: str) -> int:
+    """``5GB``, ``500MB``, ``1.5GB``, ``1048576`` -> bytes; ValueError naming the option otherwise."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
-    text = text.strip().upper()
-    for unit, mult in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
+    clean = text.strip().upper()
+    mult = 1
+    for unit, m in units.items():
+        if clean.endswith(unit):
+            clean, mult = clean[: -len(unit)].strip(), m
+            break
+    try:
+        value = float(clean)
+    except ValueError:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or a byte count") from None
+    if not value * mult >= 1 or value * mult == float("inf"):
+        raise ValueError(f"--max-shard-size {text!r}: must be a positive size")
+    return int(value * mult)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,10 +87,14 @@ def main(argv=None) -> int:
     if not os.path.isdir(src):
         print(f"error: {src} is not a directory", file=sys.stderr)
         return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         print(f"error: {args.out} is not empty (use --force to write into it)", file=sys.stderr)
         return 2
     try:  # fail fast, before a world is started, on what can be checked from headers alone
+        max_shard_bytes = _size(args.max_shard_size) if args.command == "mcore-to-hf" else None
         from megatron_alp.config import ParallelConfig
         from megatron_alp.runtime.distributed import validate_layout
 
@@ -94,6 +107,7 @@ def main(argv=None) -> int:
 
             model_cfg = model_config_from_meta(read_meta(src))
         world = int(os.environ.get("WORLD_SIZE", args.tp * args.pp))
+        ParallelConfig(tp=args.tp, pp=args.pp).validate()  # --tp 0: a line, not a ZeroDivisionError
         validate_layout(ParallelConfig(tp=args.tp, pp=args.pp), world, model_cfg)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -102,7 +116,7 @@ def main(argv=None) -> int:
                 verify=args.verify, tol=args.tol, progress=not args.no_progress)
     opts["hf" if args.command == "hf-to-mcore" else "mcore"] = os.path.abspath(src)
     if args.command == "mcore-to-hf":
-        opts["max_shard_bytes"] = _size(args.max_shard_size)
+        opts["max_shard_bytes"] = max_shard_bytes
     t0 = time.perf_counter()
     if "WORLD_SIZE" in os.environ:  # torchrun: this process is one rank of the world
         import torch.distributed as dist

@@ -5,6 +5,8 @@
 - ``include: [a.yaml, b.yaml]`` at the top of a file composes base files (paths relative to the
   including file, or to the ``configs/`` root); later files and the including file win.
 - ``section.key=value`` overrides (value parsed as YAML) are applied last.
+- A key given twice in one mapping of a file is an error naming the file, key and lines.
+- NaN is refused for every float field (infinities are left to each section's checks).
 After construction, each dataclass's ``validate()`` (if any) runs its cross-field checks.
 """
 
@@ -33,10 +35,28 @@ class ConfigError(ValueError):
 # YAML files and composition
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(f"{node.start_mark.name}: duplicate key '{key}' (line {key_node.start_mark.line + 1}; "
+                              f"first at line {seen[key]})")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_StrictLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
@@ -197,14 +217,19 @@ def _to_int(value: Any, where: str) -> int:
 
 
 def _to_float(value: Any, where: str) -> float:
+    number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+        number = float(value)
+    elif isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{where}: expected float, got {value!r}")
+    if number is None:
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if number != number:  # NaN is never a meaningful setting (and slips through `x <= 0` checks)
+        raise ConfigError(f"{where}: expected a number, got NaN")
+    return number
 
 
 def _to_str(value: Any, where: str) -> str:

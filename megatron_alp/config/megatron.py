@@ -48,9 +48,12 @@ def to_transformer_config(model_cfg: ModelConfig, parallel: ParallelConfig, prec
         pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp,
         sequence_parallel=parallel.sequence_parallel,
-        # Initialise the full master weight and split it: the same seed gives the same model at
-        # any TP size (invariance tests rely on it; cost is irrelevant next to loading a checkpoint).
-        use_cpu_initialization=True,
+        # CPU: initialise the full master weight and split it, so the same seed gives the same model
+        # at any TP size (the CPU invariance tests rely on it). GPU: initialise each shard on its
+        # GPU; the CPU path would build every full fp32 weight on every rank before the checkpoint
+        # overwrites it (minutes and a full fp32 copy of the model in host memory at 70B).
+        # A GPU run from a random init is therefore not TP-invariant; real runs load a checkpoint.
+        use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         # precision
         params_dtype=train_dtype(precision),

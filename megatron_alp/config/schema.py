@@ -10,8 +10,26 @@ from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Union
 
 from rollout.config import RolloutConfig
+from rollout.eval.config import EvalConfig
 
 from ..algo.config import AlgorithmConfig
+
+
+def _at_least(section: str, obj, low, *names: str) -> None:
+    """Each named field (None = unset, skipped) must be >= ``low``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= low:  # `not >=` also refuses NaN
+            raise ValueError(f"{section}.{name} must be >= {low}, got {value}")
+
+
+def _finite(section: str, obj, *names: str) -> None:
+    import math
+
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{section}.{name} must be finite, got {value}")
 
 
 @dataclass
@@ -87,6 +105,9 @@ class ParallelConfig:
     recompute_num_layers: int = 1
     """Layers per recompute chunk (full recompute, uniform method)."""
 
+    def validate(self) -> None:
+        _at_least("parallel", self, 1, "tp", "pp", "cp", "dp", "recompute_num_layers")
+
 
 @dataclass
 class PrecisionConfig:
@@ -100,6 +121,12 @@ class PrecisionConfig:
     """fp16 dynamic loss scaling start value."""
 
     def validate(self) -> None:
+        if self.train == "fp8" and self.fp8_recipe == "delayed" and self.fp8_keep_first_last_bf16:
+            # Megatron's TransformerConfig raises the same inside __post_init__ (transformer_config.py:
+            # "Delayed scaling does not support first / last layer in BF16"): say it at config load.
+            raise ValueError("precision.fp8_recipe = delayed cannot keep the first/last layers in bf16 (Megatron "
+                             "refuses it): set precision.fp8_keep_first_last_bf16 = false or use fp8_recipe = "
+                             "tensorwise or blockwise")
         if self.train == "fp8":
             import torch
 
@@ -167,6 +194,18 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
 
+    def validate(self) -> None:
+        _finite("optimizer", self, "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad")
+        _at_least("optimizer", self, 0, "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad",
+                  "adam_beta1", "adam_beta2")
+        for name in ("adam_beta1", "adam_beta2"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"optimizer.adam_eps must be > 0, got {self.adam_eps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr = {self.min_lr} is above optimizer.lr = {self.lr}")
+
 
 @dataclass
 class BusConfig:
@@ -214,6 +253,14 @@ class CheckpointConfig:
     """Save every N steps (0 = only at the end and on SIGTERM)."""
     load: Optional[str] = None
     """Resume from this checkpoint directory, or the Megatron checkpoint of a converted HF model."""
+    keep: int = 0
+    """Keep the newest N complete checkpoints, deleting older ones after each save (0 = keep all).
+    The one being written and the last complete one are never deleted."""
+
+    def validate(self) -> None:
+        for name in ("save_interval", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -245,6 +292,13 @@ class RunConfig:
     max_nonfinite_steps: int = 3
     """Consecutive non-finite losses after which the run stops."""
 
+    def validate(self) -> None:
+        _at_least("run", self, 0, "steps")
+        _at_least("run", self, 1, "prompts_per_step", "mini_batches_per_step", "micro_batch_size",
+                  "max_nonfinite_steps")
+        if not self.name.strip() or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+            raise ValueError(f"run.name must be a plain directory name (no path separators), got {self.name!r}")
+
     @property
     def output_dir(self) -> str:
         import os
@@ -274,6 +328,8 @@ class Config:
     """Checkpointing and resume."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Monitoring."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmark evaluation between steps and after the last one (docs/eval.md)."""
     run: RunConfig = field(default_factory=RunConfig)
     """The run itself."""
 

@@ -29,6 +29,31 @@ TOKENIZER_FILES = (
 )
 
 
+def check_safetensors_file(path: str) -> None:
+    """Refuse (ValueError naming the file) a safetensors file that is empty, has no parseable
+    header, or is shorter than its header says (truncated copy). Reads the header only."""
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path}: not a safetensors file ({size} bytes; empty or truncated)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"{path}: truncated (its header alone needs {n + 8} bytes, the file has {size})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise ValueError(f"{path}: truncated ({size} bytes, its header describes {need})")
+
+
 class HFReader:
     """Tensors of an HF checkpoint directory, by name, read lazily from its safetensors files."""
 
@@ -41,6 +66,7 @@ class HFReader:
         elif os.path.isfile(os.path.join(hf_dir, SINGLE)):
             from safetensors import safe_open
 
+            check_safetensors_file(os.path.join(hf_dir, SINGLE))
             with safe_open(os.path.join(hf_dir, SINGLE), "pt") as f:
                 self.file_of = {k: SINGLE for k in f.keys()}
         else:
@@ -51,6 +77,8 @@ class HFReader:
                                                        if found else "")
             )
         self._handles: Dict[str, object] = {}
+        for file in sorted(set(self.file_of.values())):
+            check_safetensors_file(os.path.join(hf_dir, file))
 
     def names(self) -> List[str]:
         return list(self.file_of)
@@ -118,9 +146,29 @@ class ShardWriter:
         self.buffer, self.buffered = {}, 0
 
 
+def remove_stale_weights(out_dir: str, keep: Iterable[str] = ()) -> List[str]:
+    """Delete the weight files this converter owns (``model.safetensors``, ``model-*-of-*.safetensors``
+    and the index) from an earlier export in ``out_dir``, except ``keep``: transformers loads a
+    ``model.safetensors`` in preference to an index, so a stale one would shadow the new shards."""
+    import re
+
+    removed = []
+    for name in sorted(os.listdir(out_dir)):
+        if name in keep:
+            continue
+        if name in (SINGLE, INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name):
+            os.remove(os.path.join(out_dir, name))
+            removed.append(name)
+    if removed:
+        logger.warning("removed the weight files of an earlier export from %s: %s", out_dir, ", ".join(removed))
+    return removed
+
+
 def finalize_shards(out_dir: str, files: List[Tuple[str, List[str], int]]) -> str:
-    """Rename the writers' files (in the given order) to model-k-of-n and write the index."""
+    """Rename the writers' files (in the given order) to model-k-of-n and write the index, after
+    removing an earlier export's weight files (:func:`remove_stale_weights`)."""
     n = len(files)
+    remove_stale_weights(out_dir)
     weight_map, total = {}, 0
     for k, (tmp, names, nbytes) in enumerate(files, start=1):
         final = f"model-{k:05d}-of-{n:05d}.safetensors"

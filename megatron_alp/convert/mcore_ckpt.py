@@ -89,6 +89,24 @@ def _check_architecture(model, meta: Dict[str, Any], path: str) -> None:
         raise ValueError(f"{path} does not fit this model: " + "; ".join(bad))
 
 
+def load_tolerating_extra_state(sharded, path: str):
+    """``dist_checkpointing.load`` that lets the model ask for ``_extra_state`` objects the checkpoint
+    lacks (a checkpoint written with the local spec, loaded into the Transformer Engine spec: TE
+    modules keep their FP8 metadata in ``_extra_state``; the local spec maps its weight names to
+    TE's through ``sharded_state_dict_keys_map`` but has no such objects). As Megatron-LM's own
+    loader does with its ``dist_ckpt_strictness`` option, the mismatch is returned
+    (``StrictHandling.RETURN_UNEXPECTED``: requested keys not in the checkpoint are dropped from
+    the request) and judged here: anything other than ``_extra_state`` still fails."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _missing, unexpected = dist_checkpointing.load(sharded, path, strict=StrictHandling.RETURN_UNEXPECTED)
+    bad = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+    if bad:
+        raise KeyError(f"{path}: the checkpoint lacks {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    return loaded
+
+
 def load_megatron_checkpoint(model, path: str, strict: bool = True) -> Dict[str, Any]:
     """Load a converted checkpoint into this rank's model chunk, at any TP/PP (collective).
 
@@ -96,7 +114,6 @@ def load_megatron_checkpoint(model, path: str, strict: bool = True) -> Dict[str,
     ALP's logits-only wrapper around the final norm loads the stock norm's weight. Returns the
     checkpoint's metadata.
     """
-    from megatron.core import dist_checkpointing
 
     model = unwrap(model)
     meta = read_meta(path)
@@ -110,7 +127,7 @@ def load_megatron_checkpoint(model, path: str, strict: bool = True) -> Dict[str,
         for wrapped, stock in _TRANSPARENT_KEYS:
             if isinstance(key, str) and key.startswith(wrapped):
                 v.key = stock + key[len(wrapped):]
-    loaded = dist_checkpointing.load(sharded, path)
+    loaded = load_tolerating_extra_state(sharded, path)
     result = model.load_state_dict(loaded, strict=False)
     missing = [k for k in result.missing_keys if not is_alp_param(k) and not k.endswith("_extra_state")]
     if strict and (missing or result.unexpected_keys):

@@ -5,7 +5,8 @@
 3. convert it with tools/convert.py (HF -> Megatron distributed checkpoint, TP=2);
 4. run Token-ALP with torchrun (2 trainer processes, TP=2 over gloo) against a local rollout
    engine that serves emulated-FP8 weights (configs/experiments/demo_tiny_cpu.yaml);
-5. report the reward curve and where the TensorBoard logs are.
+5. report the reward curve, the held-out evaluation (eval/copy_heldout/avg@4, pass@k) before and
+   after training, and where the TensorBoard logs are.
 
     python -m megatron_alp.demo [--out demo_out] [--steps 30] [overrides ...]
 """
@@ -25,15 +26,23 @@ from .assets import REPO, run_cmd
 logger = logging.getLogger("megatron_alp.demo")
 
 
-def _reward_curve(tb_dir: str):
+def _series(tb_dir: str):
+    """{tag: [(step, value), ...]} of every scalar in the run's TensorBoard files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.ERROR)  # its reader logs each file it finishes
     acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    if "rollout/reward_mean" not in acc.Tags()["scalars"]:
-        return []
-    return [e.value for e in acc.Scalars("rollout/reward_mean")]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _report_eval(series) -> None:
+    """The held-out evaluation before (step 0) and after training (the last evaluated step)."""
+    for tag in sorted(t for t in series if t.startswith("eval/") and ("/avg@" in t or "/pass@" in t)):
+        points = sorted(series[tag])
+        if len(points) >= 2:
+            logger.info("%s: before training %.3f -> after %d steps %.3f", tag, points[0][1], points[-1][0],
+                        points[-1][1])
 
 
 def main(argv=None) -> int:
@@ -58,6 +67,7 @@ def main(argv=None) -> int:
 
     logger.info("[4/5] Token-ALP with a local FP8-emulating rollout engine (torchrun, %d procs)", args.nproc)
     overrides = [f"model.hf_path={hf_dir}", f"checkpoint.load={mcore_dir}", f"rollout.data.path={data}",
+                 f"eval.datasets=[copy_heldout={assets['heldout']}]",
                  f"run.output_root={out}", f"bus.dir={os.path.join(out, 'bus')}", *args.overrides]
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
@@ -66,13 +76,15 @@ def main(argv=None) -> int:
           "-m", "megatron_alp.train", "--config", args.config, *overrides], env=env)
 
     tb = os.path.join(out, "demo", "tensorboard")
-    curve = _reward_curve(tb)
+    series = _series(tb)
+    curve = [v for _, v in series.get("rollout/reward_mean", [])]
     logger.info("[5/5] done in %.0f s", time.time() - t0)
     if curve:
         k = max(1, len(curve) // 5)
         first, last = sum(curve[:k]) / k, sum(curve[-k:]) / k
         logger.info("mean reward: first %d steps %.3f -> last %d steps %.3f (%s)", k, first, k, last,
                     "rising" if last > first else "NOT rising")
+    _report_eval(series)
     logger.info("TensorBoard logs: %s\n    open them with:  .venv/bin/tensorboard --logdir %s", tb, tb)
     return 0
 

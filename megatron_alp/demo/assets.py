@@ -4,7 +4,8 @@ SLURM tiny job and the CPU mini-reproduction train on.
     python -m megatron_alp.demo.assets --out DIR [--tp 2] [--warm-steps 55]
 
 writes ``DIR/hf_init`` (random tiny Qwen2, digits tokenizer), ``DIR/hf_warm`` (briefly warm-started
-on the copy task), ``DIR/copy_train.jsonl`` and ``DIR/mcore`` (tools/convert.py hf-to-mcore).
+on the copy task), ``DIR/copy_train.jsonl``, ``DIR/copy_heldout.jsonl`` (evaluation problems not in the
+training file) and ``DIR/mcore`` (tools/convert.py hf-to-mcore).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def prepare_tiny_assets(out: str, warm_steps: int = 55, tp: int = 2, num_prompts
     with open(data, "w") as f:
         for r in synthetic_records(num_prompts, "copy", 3, seed=0):
             f.write(json.dumps(r) + "\n")
+    heldout = os.path.join(out, "copy_heldout.jsonl")  # evaluation problems never trained on
+    seen = {r["prompt"] for r in synthetic_records(num_prompts, "copy", 3, seed=0)}
+    with open(heldout, "w") as f:
+        for r in synthetic_records(4 * num_prompts, "copy", 3, seed=99):
+            if r["prompt"] not in seen:
+                seen.add(r["prompt"])
+                f.write(json.dumps(r) + "\n")
     log("[3/5] convert HF -> Megatron (tools/convert.py)")
     mcore_dir = os.path.join(out, "mcore")
     # The tool spawns its own TP world; a caller's torch.distributed variables (an in-process
@@ -59,7 +67,7 @@ def prepare_tiny_assets(out: str, warm_steps: int = 55, tp: int = 2, num_prompts
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     run_cmd([sys.executable, "tools/convert.py", "hf-to-mcore", "--hf", hf_dir, "--out", mcore_dir,
              "--tp", str(tp), "--no-progress"], env=env)
-    return {"hf": hf_dir, "mcore": mcore_dir, "data": data}
+    return {"hf": hf_dir, "mcore": mcore_dir, "data": data, "heldout": heldout}
 
 
 def main(argv=None) -> int:

@@ -81,6 +81,9 @@ def model_parallel_seed(seed: int) -> None:
     from megatron.core import tensor_parallel
 
     if torch.cuda.is_available():
+        # Python, NumPy and the CPU generator too: the CPU-side sampling (data order, ALP noise
+        # seeds drawn on the host) must be reproducible on a GPU run as on a CPU one.
+        seed_everything(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
     from megatron.core import parallel_state as ps

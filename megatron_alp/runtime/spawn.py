@@ -60,6 +60,16 @@ def _worker(fn, rank, world_size, port, args, queue, env):
             pass
 
 
+def child_environment(env: Optional[dict] = None) -> dict:
+    """What a worker adds to its inherited environment. ``CUDA_VISIBLE_DEVICES`` is passed on only
+    when it is set: an empty value would hide every GPU and run a GPU machine's workers on CPU."""
+    out = {"OMP_NUM_THREADS": "1"}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        out["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    out.update(env or {})
+    return out
+
+
 def run_world(
     fn: Callable[..., Any],
     world_size: int,
@@ -77,9 +87,8 @@ def run_world(
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    # The parent's environment as it is now (a forkserver child would otherwise see the server's).
-    child_env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    child_env.update(env or {})
+    # The caller's whole current environment (a forkserver child would otherwise see the server's).
+    child_env = {**os.environ, **child_environment(env)}
     procs = [
         ctx.Process(target=_worker, args=(fn, r, world_size, port, tuple(args), queue, child_env), daemon=True)
         for r in range(world_size)

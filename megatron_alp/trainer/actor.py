@@ -3,7 +3,7 @@
 Data layout (:class:`~.batch.RLBatch`): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
 ``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
 Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
-sequence parallelism is on): Megatron's pipeline schedule sends fixed-shape activations between
+sequence parallelism is on, and of 16 more under FP8; ``batching.seq_pad_multiple``): Megatron's pipeline schedule sends fixed-shape activations between
 stages, and padding keeps the TP/SP/PP paths identical. Padding is masked out of every loss and
 metric.
 
@@ -27,6 +27,7 @@ from ..algo.metrics import compute_metrics
 from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
 from ..model.alp import alp_forward
 from ..ops.logprob import vocab_parallel_logprobs
+from ..runtime.device import any_rank, to_device
 from .batch import RLBatch
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Actor:
     @torch.no_grad()
     def compute_logprobs(self, batch: RLBatch) -> Optional[torch.Tensor]:
         """Unperturbed log-probs [N, L] of ``batch`` (on the last pipeline stage; None elsewhere)."""
+        batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         for c in self.chunks:
             c.eval()
         out: List[torch.Tensor] = []
@@ -127,6 +129,7 @@ class Actor:
         """One optimizer step on this rank's share of a mini-batch; returns reduced metrics
         (complete on the last pipeline stage; empty dict elsewhere)."""
         algo = self.algo
+        batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         micro = self._micro_batches(batch)
         normalizer = self._global_normalizer(batch)
         scale = len(micro) * self.ps.get_data_parallel_world_size()
@@ -155,17 +158,17 @@ class Actor:
         # the schedule: DP reduction, SP/QK-norm TP reduction, tied-embedding reduction across PP.
         self._run_schedule(micro, forward_only=False, loss_fn=loss_fn, perturb_step=perturb)
         loss_sum = torch.stack([s["loss"] for s in stash]).sum() if stash else torch.zeros(())
-        local_finite = torch.tensor([1.0 if bool(torch.isfinite(loss_sum)) else 0.0])
-        dist.all_reduce(local_finite, op=dist.ReduceOp.MIN)  # every rank skips together
-        if local_finite.item() < 1:
+        if any_rank(not bool(torch.isfinite(loss_sum))):  # every rank skips together
             self.optimizer.zero_grad()
             return {"train/nonfinite_loss": 1.0, "train/skipped_step": 1.0}
-        # A non-finite gradient norm (NaN logits whose tokens the objective dropped, an overflow)
-        # skips the step inside Optimizer.step.
+        # A non-finite gradient (NaN logits whose tokens the objective dropped, an fp16 overflow)
+        # skips the step inside Optimizer.step; an fp16 overflow step reports no norm (None).
         ok, grad_norm = self.optimizer.step()
-        metrics: Dict[str, float] = {"train/grad_norm": float(grad_norm), "train/skipped_step": 0.0 if ok else 1.0,
+        norm = math.nan if grad_norm is None else float(grad_norm)
+        metrics: Dict[str, float] = {"train/grad_norm": norm, "train/skipped_step": 0.0 if ok else 1.0,
                                      "train/nonfinite_loss": 0.0,
-                                     "train/nonfinite_grad": 0.0 if math.isfinite(float(grad_norm)) else 1.0}
+                                     "train/nonfinite_grad": 0.0 if math.isfinite(norm) else 1.0}
+        metrics.update(self.optimizer.scale_metrics())
         for i, lr in enumerate(self.optimizer.lrs()):
             metrics[f"train/lr_group{i}"] = lr
         if self.is_last_stage and stash:

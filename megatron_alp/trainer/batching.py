@@ -45,6 +45,21 @@ def collate(samples: Sequence, advantages: torch.Tensor, pad_id: int = 0, pad_mu
                    advantages=advantages.to(torch.float32))
 
 
+FP8_ALIGN = 16
+"""TE's FP8 GEMMs need the token dimension divisible by 8 and the hidden one by 16; Megatron aligns
+FP8 operands to 16 (fp8_utils.get_fp8_align_size; 32 only for MXFP8, not offered here)."""
+
+
+def seq_pad_multiple(parallel, precision) -> int:
+    """The multiple every padded sequence length is rounded up to: TP under sequence parallelism
+    (the sequence is split over TP ranks), times 16 under FP8 so each rank's token count stays
+    a multiple of the FP8 alignment whatever the micro-batch size."""
+    m = parallel.tp if parallel.sequence_parallel else 1
+    if precision.train == "fp8":
+        m *= FP8_ALIGN
+    return m
+
+
 def dp_shard(batch: RLBatch, dp_rank: int, dp_size: int) -> RLBatch:
     """This DP rank's contiguous share (the batch size must divide evenly)."""
     n = len(batch)

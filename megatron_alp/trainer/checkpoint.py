@@ -27,19 +27,112 @@ def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
+def _step_of(name: str) -> Optional[int]:
+    if name.startswith("step_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def incomplete_reason(path: str) -> Optional[str]:
+    """None when ``path`` is a complete checkpoint, else why not (naming the file).
+
+    Complete: ``meta.json`` parses, and each of its ``world_size`` rank files exists with the
+    size recorded at save time (older checkpoints without sizes: a readable zip directory,
+    which a truncated ``torch.save`` file lacks).
+    """
+    import zipfile
+
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isdir(path):
+        return f"{path} does not exist"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        world = int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{meta_path} is missing or unreadable ({e})"
+    sizes = meta.get("rank_file_bytes") or {}
+    for r in range(world):
+        name = f"rank_{r:05d}.pt"
+        file = os.path.join(path, name)
+        try:
+            size = os.path.getsize(file)
+        except OSError:
+            return f"{file} is missing"
+        if name in sizes and size != int(sizes[name]):
+            return f"{file} is truncated ({size} bytes, {sizes[name]} written)"
+        if name not in sizes:
+            try:
+                with zipfile.ZipFile(file):
+                    pass
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{file} is unreadable ({e})"
+    return None
+
+
+def checkpoint_dirs(root: str) -> List[str]:
+    """The ``step_<N>`` directories under ``root``, newest step first."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    steps = sorted((s, n) for n in names if (s := _step_of(n)) is not None)
+    return [os.path.join(root, n) for _, n in reversed(steps)]
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist under the root but none is complete (refusing to start from step 0 over them)."""
+
+
 def latest_checkpoint(root: Optional[str]) -> Optional[str]:
+    """The checkpoint to resume from: ``latest`` if complete, else the newest complete ``step_<N>``
+    (with a warning naming what was skipped and why). None when there is no checkpoint at all;
+    :class:`CheckpointError` when there are some but none is complete."""
     if not root:
         return None
+    candidates = []
     ptr = os.path.join(root, "latest")
-    if not os.path.exists(ptr):
-        return None
-    with open(ptr) as f:
-        path = os.path.join(root, f.read().strip())
-    return path if os.path.isdir(path) else None
+    if os.path.exists(ptr):
+        with open(ptr) as f:
+            candidates.append(os.path.join(root, f.read().strip()))
+    candidates += [d for d in checkpoint_dirs(root) if d not in candidates]
+    skipped = []
+    for path in candidates:
+        reason = incomplete_reason(path)
+        if reason is None:
+            if skipped:
+                logger.warning("checkpoint: skipping %s; resuming from the newest complete one, %s",
+                               "; ".join(skipped), path)
+            return path
+        skipped.append(reason)
+    if skipped and any(_step_of(os.path.basename(c)) is not None and os.path.isdir(c) for c in candidates):
+        raise CheckpointError(f"no complete checkpoint in {root} ({'; '.join(skipped)}); "
+                              f"move it away to start from step 0")
+    if skipped:
+        logger.warning("checkpoint: %s; no checkpoint to resume from", "; ".join(skipped))
+    return None
 
 
-def save_checkpoint(root: str, step: int, model_chunks: List, optimizer, meta: Dict[str, Any], layout) -> str:
-    """Collective: every trainer rank calls it. Returns the checkpoint directory."""
+def prune_checkpoints(root: str, keep: int, current: str) -> List[str]:
+    """Delete all but the newest ``keep`` complete checkpoints up to ``current`` (which is always
+    kept, as is anything newer than it or not complete: those are not ours to judge). Returns
+    the deleted directories."""
+    if keep <= 0:
+        return []
+    cur = _step_of(os.path.basename(current))
+    older = [d for d in checkpoint_dirs(root) if d != current and _step_of(os.path.basename(d)) < cur]
+    complete = [d for d in older if incomplete_reason(d) is None]
+    deleted = complete[keep - 1:]
+    for d in deleted:
+        shutil.rmtree(d, ignore_errors=True)
+        logger.info("checkpoint: removed %s (checkpoint.keep = %d)", d, keep)
+    return deleted
+
+
+def save_checkpoint(root: str, step: int, model_chunks: List, optimizer, meta: Dict[str, Any], layout,
+                    keep: int = 0) -> str:
+    """Collective: every trainer rank calls it. Returns the checkpoint directory. ``keep`` > 0:
+    afterwards remove all but the newest ``keep`` complete checkpoints (:func:`prune_checkpoints`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     final = _step_dir(root, step)
     tmp = os.path.join(root, f".tmp-step_{step:08d}")
@@ -53,10 +146,14 @@ def save_checkpoint(root: str, step: int, model_chunks: List, optimizer, meta: D
         "rng": rng_state(),
         "rank": rank,
     }
-    torch.save(state, os.path.join(tmp, f"rank_{rank:05d}.pt"))
-    dist.barrier()
+    rank_file = os.path.join(tmp, f"rank_{rank:05d}.pt")
+    torch.save(state, rank_file)
+    with open(rank_file, "rb+") as f:
+        os.fsync(f.fileno())
+    sizes = [None] * world
+    dist.all_gather_object(sizes, (os.path.basename(rank_file), os.path.getsize(rank_file)))
     if rank == 0:
-        full_meta = dict(meta, step=step, world_size=world,
+        full_meta = dict(meta, step=step, world_size=world, rank_file_bytes=dict(sizes),
                          layout={"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp})
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(full_meta, f, indent=2)
@@ -66,6 +163,7 @@ def save_checkpoint(root: str, step: int, model_chunks: List, optimizer, meta: D
             f.write(os.path.basename(final))
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
         logger.info("checkpoint saved: %s", final)
+        prune_checkpoints(root, keep, final)
     dist.barrier()
     return final
 
@@ -99,6 +197,7 @@ class Checkpointer:
     def __init__(self, checkpoint, total_steps: int, run_dir: str, model_chunks: List, optimizer, layout):
         self.root = checkpoint.dir or os.path.join(run_dir, "checkpoints")
         self.interval = checkpoint.save_interval
+        self.keep = checkpoint.keep
         self.total_steps = total_steps
         self.chunks, self.optimizer, self.layout = model_chunks, optimizer, layout
 
@@ -112,12 +211,11 @@ class Checkpointer:
         """Whether the state after ``step`` completed steps is saved."""
         return force or step == self.total_steps or bool(self.interval and step % self.interval == 0)
 
-    def maybe_save(self, step: int, state: Dict[str, Any], force: bool = False) -> bool:
-        """Collective: save after ``step`` completed steps when :meth:`due`. ``state`` is the loop's
-        own state (rank 0's copy is saved); returns whether a checkpoint was written."""
+    def maybe_save(self, step: int, state: Dict[str, Any], force: bool = False) -> Optional[str]:
+        """Collective: save after ``step`` completed steps when :meth:`due`; returns the checkpoint
+        directory (None when not due). ``state`` is the loop's own state (rank 0's copy is saved)."""
         if not self.due(step, force):
-            return False
+            return None
         box = [state]
         dist.broadcast_object_list(box, src=0)
-        save_checkpoint(self.root, step, self.chunks, self.optimizer, box[0], self.layout)
-        return True
+        return save_checkpoint(self.root, step, self.chunks, self.optimizer, box[0], self.layout, self.keep)

@@ -17,7 +17,7 @@ import torch
 
 from ..algo.advantages import compute_advantages
 from .batch import RLBatch
-from .batching import collate
+from .batching import collate, seq_pad_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +51,27 @@ class RolloutDriver:
 
     def rollout(self, step: int, weight_version: int) -> Tuple[RLBatch, Dict[str, float]]:
         """Generate ``prompts_per_step x n_samples`` samples, score them, compute advantages."""
-        from rollout.aio import run_sync
+        from rollout.aio import submit
 
         cfg = self.cfg
         prompts = self.stream.next_batch(cfg.run.prompts_per_step)
         t0 = time.perf_counter()
-        samples = run_sync(self.generator.generate(prompts, seed=cfg.rollout.seed + step))
+        future = submit(self.generator.generate(prompts, seed=cfg.rollout.seed + step))
+        try:
+            samples = future.result()
+        except BaseException:  # abandoned (a stop signal) or failed: no request keeps running
+            future.cancel()
+            raise
         dt = time.perf_counter() - t0
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         adv = compute_advantages(rewards, cfg.algorithm.advantage, group_size=cfg.rollout.n_samples,
                                  eps=cfg.algorithm.advantage_eps)
-        pad_multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-        batch = collate(samples, adv, pad_id=self.pad_id, pad_multiple=pad_multiple)
+        batch = collate(samples, adv, pad_id=self.pad_id, pad_multiple=seq_pad_multiple(cfg.parallel, cfg.precision))
         return batch, self._metrics(samples, rewards, dt, weight_version)
 
     def _metrics(self, samples, rewards: torch.Tensor, seconds: float, version: int) -> Dict[str, float]:
+        from rollout.generate import reward_failures
+
         n_tok = [s.num_model_tokens for s in samples]
         lengths = [len(s.response_ids) for s in samples]
         stale = []
@@ -84,6 +90,7 @@ class RolloutDriver:
             "rollout/response_len_mean": sum(lengths) / len(lengths),
             "rollout/response_len_max": float(max(lengths)),
             "rollout/truncation_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "rollout/reward_failures": float(reward_failures(samples)),  # definition: rollout.generate
             "rollout/num_samples": float(len(samples)),
             "rollout/staleness_mean": (sum(stale) / len(stale)) if stale else math.nan,
             "rollout/staleness_max": float(max(stale)) if stale else math.nan,

@@ -29,7 +29,7 @@ TERMINAL_KEYS = (
 class Monitor:
     """No-op base: every rank but the writer holds one of these."""
 
-    def log(self, metrics: Dict[str, object], step: int) -> None:
+    def log(self, metrics: Dict[str, object], step: int, terminal: bool = True) -> None:
         pass
 
     def text(self, tag: str, value: str, step: int = 0) -> None:
@@ -49,7 +49,7 @@ class TensorBoardMonitor(Monitor):
         self.log_interval = max(1, log_interval)
         self.histograms = histograms
 
-    def log(self, metrics: Dict[str, object], step: int) -> None:
+    def log(self, metrics: Dict[str, object], step: int, terminal: bool = True) -> None:
         import numpy as np
 
         for name, value in sorted(metrics.items()):
@@ -66,7 +66,7 @@ class TensorBoardMonitor(Monitor):
                 continue
             self.writer.add_scalar(name, v, step)
         self.writer.flush()
-        if step % self.log_interval == 0:
+        if terminal and step % self.log_interval == 0:
             logger.info(terminal_line(metrics, step))
 
     def text(self, tag: str, value: str, step: int = 0) -> None:

@@ -9,11 +9,14 @@ CPU-safe clipping before the step (PLATFORM.md, CPU item 5). Parameters can be s
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, List, Optional
 
 import torch
 
+from ..runtime.device import grads_nonfinite
 from ..runtime.grad_clip import clip_grad_norm
+from .optim_state import load_sub, save_sub
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class Optimizer:
     """Megatron optimizer + LR schedule + our CPU clipping path, one ``step()`` for both."""
 
     def __init__(self, model_chunks: List, opt_cfg, precision: str = "fp32", alp=None,
-                 total_steps: Optional[int] = None):
+                 total_steps: Optional[int] = None, initial_loss_scale: Optional[float] = None):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -79,6 +82,8 @@ class Optimizer:
             use_distributed_optimizer=self.on_gpu,
             clip_grad=opt_cfg.clip_grad if self.on_gpu else 0.0,
         )
+        if initial_loss_scale is not None:  # fp16's dynamic scaler starts here (Megatron's default: 2**32)
+            mcfg.initial_loss_scale = float(initial_loss_scale)
         self.megatron = get_megatron_optimizer(mcfg, model_chunks, config_overrides=param_group_overrides(opt_cfg, alp),
                                                use_gloo_process_groups=self.on_gpu)  # on CPU every group is gloo already
         decay_steps = max(1, (total_steps or 1) - opt_cfg.warmup_steps)
@@ -90,6 +95,15 @@ class Optimizer:
             start_wd=opt_cfg.weight_decay, end_wd=opt_cfg.weight_decay, wd_incr_steps=1,
             wd_incr_style="constant",
         )
+        self.has_scaler = any(getattr(o, "grad_scaler", None) is not None for o in self._chained())
+        if self.has_scaler:
+            # The schedule multiplies each micro-batch's loss by config.grad_scale_func before the
+            # backward (pipeline_parallel/schedules.py backward_step); without it the loss is never
+            # scaled while the optimizer still unscales by the loss scale. Megatron's training loop
+            # sets it the same way (config.grad_scale_func = optimizer.scale_loss).
+            for c in model_chunks:
+                c.config.grad_scale_func = self.megatron.scale_loss
+        _mark_reduced_grad_owners(model_chunks, self._chained())
 
     def zero_grad(self) -> None:
         for c in self.chunks:
@@ -97,7 +111,13 @@ class Optimizer:
         self.megatron.zero_grad()
 
     def step(self):
-        """Clip (CPU) and step. Returns (stepped, grad_norm); a non-finite norm skips the step."""
+        """Clip (CPU) and step. Returns (stepped, grad_norm); a non-finite gradient skips the step.
+
+        Without a grad scaler (fp32, bf16) Megatron does not look for NaN/inf: a NaN norm passes its
+        clip check and Adam writes NaN into every weight, so we check first, on CPU and GPU alike.
+        With one (fp16) Megatron checks, skips, backs the scale off and returns a None norm."""
+        if not self.has_scaler and grads_nonfinite(self.chunks):
+            return False, math.nan
         if not self.on_gpu:
             params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
             norm = clip_grad_norm(params, self.clip)
@@ -108,6 +128,12 @@ class Optimizer:
             self.scheduler.step(1)
         return ok, (norm_m if self.on_gpu else norm)
 
+    def scale_metrics(self) -> Dict[str, float]:
+        """``train/loss_scale`` under fp16 (the dynamic scaler's current value); nothing otherwise."""
+        if not self.has_scaler:
+            return {}
+        return {"train/loss_scale": float(self.megatron.get_loss_scale())}
+
     def lrs(self) -> List[float]:
         return [g["lr"] for g in self.megatron.param_groups]
 
@@ -115,15 +141,34 @@ class Optimizer:
         return list(getattr(self.megatron, "chained_optimizers", [self.megatron]))
 
     def state_dict(self):
-        """Everything a same-layout resume needs. The distributed optimizer (GPU) keeps its Adam
-        states outside ``state_dict()``: this rank's shard is saved with them (DP-reshardable form)."""
-        out = {"optimizer": self.megatron.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self.on_gpu:
-            out["param_state"] = [o.get_parameter_state_dp_reshardable() for o in self._chained()]
-        return out
+        """Everything a same-layout resume needs, per sub-optimizer (see :mod:`.optim_state`): the
+        distributed optimizer's Adam states live outside ``state_dict()`` and are saved with it."""
+        return {"subs": [save_sub(o) for o in self._chained()], "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state) -> None:
-        self.megatron.load_state_dict(state["optimizer"])
-        for o, s in zip(self._chained(), state.get("param_state") or []):
-            o.load_parameter_state_from_dp_reshardable(s)
+        if "subs" not in state:  # written before per-sub-optimizer saving (CPU runs only: plain optimizer)
+            self.megatron.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            return
+        subs = self._chained()
+        if len(state["subs"]) != len(subs):
+            raise ValueError(f"optimizer state has {len(state['subs'])} sub-optimizers, this run {len(subs)}")
+        for o, entry in zip(subs, state["subs"]):
+            load_sub(o, entry)
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _mark_reduced_grad_owners(chunks, subs) -> None:
+    """Set ``p.grad_reduced_here``: whether this rank's ``main_grad`` of ``p`` holds the DP-reduced
+    gradient after the schedule. Everywhere with the plain optimizer (all-reduce); with the
+    distributed one only on the DP rank whose shard holds the parameter (reduce-scatter)."""
+    owned = set()
+    distributed = False
+    for o in subs:
+        index = getattr(o, "model_param_group_index_map", None)
+        if index is not None:
+            distributed = True
+            owned.update(id(p) for p in index)
+    for c in chunks:
+        for p in c.parameters():
+            p.grad_reduced_here = (not distributed) or id(p) in owned

@@ -5,6 +5,7 @@ Bad configs fail in :func:`load_and_check` before any process does heavy work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,9 @@ import torch.distributed as dist
 from ..config import Config, dump_yaml, load_config
 from ..model.alp import alp_block_spec
 from ..model.builder import build_gpt_model
+from ..runtime.device import any_rank
 from ..runtime.distributed import Layout, init_distributed, init_parallel_state, validate_layout
+from ..runtime.placement import check_gpu_placement
 from .actor import Actor
 from .batching import dp_shard
 from .optim import Optimizer, wrap_ddp
@@ -38,6 +41,7 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
     n = run.prompts_per_step * r.n_samples
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_layout(cfg.parallel, world, cfg.model)
+    check_gpu_placement(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     per_dp = n // layout.dp if n % layout.dp == 0 else None
     if per_dp is None:
         raise ValueError(f"run.prompts_per_step x rollout.n_samples = {n} sequences do not split over "
@@ -53,7 +57,16 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
         logger.warning("algorithm.kl_coef > 0 with a randomly initialised model: the reference is that init")
     if not cfg.model.hf_path and not r.model_path and not r.urls:
         raise ValueError("model.hf_path (HF checkpoint with tokenizer) is needed to start the rollout engines")
+    _check_output_dirs(cfg)
     return cfg
+
+
+def _check_output_dirs(cfg: Config) -> None:
+    """Directories the run writes must not be existing files (found now, not at the first save)."""
+    for field, path in (("run.output_root", cfg.run.output_root), ("checkpoint.dir", cfg.checkpoint.dir),
+                        ("bus.dir", cfg.bus.dir if cfg.bus.backend == "disk" else None)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{field} = {path} exists and is not a directory")
 
 
 def redacted(cfg: Config) -> Config:
@@ -116,7 +129,8 @@ def setup(cfg: Config) -> Trainer:
     load_initial_weights(cfg, model)
     ddp = wrap_ddp(model)
     total = cfg.run.steps * cfg.run.mini_batches_per_step
-    optimizer = Optimizer([ddp], cfg.optimizer, precision=cfg.precision.train, alp=cfg.alp, total_steps=total)
+    optimizer = Optimizer([ddp], cfg.optimizer, precision=cfg.precision.train, alp=cfg.alp, total_steps=total,
+                          initial_loss_scale=cfg.precision.initial_loss_scale)
     actor = make_actor(cfg, [ddp], optimizer)
     ref_actor = None
     if cfg.algorithm.kl_coef > 0:
@@ -131,11 +145,22 @@ def setup(cfg: Config) -> Trainer:
     return Trainer(layout, ps.get_data_parallel_rank(), run_dir, model, ddp, optimizer, actor, ref_actor)
 
 
+class Preempted(Exception):
+    """Raised in the main thread by a stop signal that arrives while the rollout can be abandoned."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT (SLURM preemption): the loop checkpoints at the next step boundary."""
+    """Set by SIGTERM/SIGINT (SLURM preemption, Ctrl-C): the loop checkpoints and stops at the next
+    step boundary, or at once while :meth:`interruptible` (the rollout: nothing trained yet).
+    The engines' own signal handlers are told to leave the stop to us (checkpoint first)."""
 
     def __init__(self):
+        from rollout.engines.processes import leave_signals_to_caller
+
         self.requested = False
+        self.signum: Optional[int] = None
+        self._interruptible = False
+        leave_signals_to_caller()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, self._handler)
@@ -143,10 +168,24 @@ class StopFlag:
                 pass
 
     def _handler(self, signum, frame):
-        logger.warning("signal %d: checkpointing and stopping after this step", signum)
-        self.requested = True
+        if not self.requested:
+            logger.warning("signal %d: checkpointing and stopping (%s)", signum,
+                           "abandoning this step's rollout" if self._interruptible else "after this step")
+        self.requested, self.signum = True, self.signum or signum
+        if self._interruptible:
+            self._interruptible = False
+            raise Preempted(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A block a stop signal may abandon (raising :class:`Preempted` inside it)."""
+        if self.requested:
+            raise Preempted(self.signum)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.requested)  # a CUDA tensor under NCCL, a CPU one under gloo

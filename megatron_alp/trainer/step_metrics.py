@@ -54,18 +54,24 @@ def sigma_metrics(model, ddp) -> Dict:
         if is_alp_param(name, p):
             g = getattr(p, "main_grad", None)
             g = g if g is not None else p.grad
-            mine[name] = (float(p.detach().float().exp()), float(g.float().norm()) if g is not None else 0.0)
+            # Only a rank holding the DP-reduced gradient reports it (the distributed optimizer
+            # reduce-scatters: other DP ranks keep their local, unreduced gradient; optim.py).
+            reduced = getattr(p, "grad_reduced_here", True)
+            gn = (float(g.float().norm()) if g is not None else 0.0) if reduced else None
+            mine[name] = (float(p.detach().float().exp()), gn)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     merged = {}
     for d in everyone:
-        merged.update(d)
+        for k, v in d.items():
+            if k not in merged or merged[k][1] is None:
+                merged[k] = v
     if not merged:
         return {}
     sig = torch.tensor([v[0] for v in merged.values()], dtype=torch.float64)
     out = {"alp/sigma_mean": sig.mean().item(), "alp/sigma_min": sig.min().item(), "alp/sigma_max": sig.max().item(),
            "alp/sigma_hist": sig.tolist(),
-           "alp/sigma_grad_norm": math.sqrt(sum(v[1] ** 2 for v in merged.values()))}
+           "alp/sigma_grad_norm": math.sqrt(sum((v[1] or 0.0) ** 2 for v in merged.values()))}
     for name, (s, _) in merged.items():
         out[f"alp/sigma/{name.replace('.perturbation.log_sigma', '')}"] = s
     return out

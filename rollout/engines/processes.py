@@ -3,7 +3,12 @@
 Each server runs in its own session (``start_new_session``), so stopping it signals its whole
 process group (SGLang spawns scheduler and detokenizer children) and nothing else. Every started
 server is registered; an ``atexit`` hook and SIGTERM/SIGINT handlers (chained to the previous
-handlers) stop what is still running. Nothing here searches processes by name.
+handlers) stop what is still running. A program that orders its own shutdown (the trainer:
+checkpoint first, then engines) calls :func:`leave_signals_to_caller`, after which the signal
+handlers only chain. Each server also gets ``PR_SET_PDEATHSIG`` = SIGKILL, so a SIGKILLed parent
+(no atexit, no handler) leaves no server behind; note the kernel sends it when the *thread* that
+started the server exits, so start servers from a long-lived thread (the main one). Nothing here
+searches processes by name.
 """
 
 from __future__ import annotations
@@ -26,6 +31,32 @@ logger = logging.getLogger(__name__)
 _REGISTRY: Dict[int, "ServerProcess"] = {}
 _LOCK = threading.Lock()
 _HOOKS_INSTALLED = False
+_SIGNALS_STOP_SERVERS = True
+PR_SET_PDEATHSIG = 1
+
+
+def leave_signals_to_caller() -> None:
+    """SIGTERM/SIGINT no longer stop the servers here: the caller stops them (``stop_all`` or
+    each ``stop()``) when it is ready; ``atexit`` still stops what is left."""
+    global _SIGNALS_STOP_SERVERS
+    _SIGNALS_STOP_SERVERS = False
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL, expected_parent: Optional[int] = None) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)`` for this process: the kernel sends ``sig`` when our parent
+    dies. If the parent already died (we were re-parented away from ``expected_parent``), send it
+    now. Linux only; returns False where unavailable."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os.kill(os.getpid(), sig)
+    return True
 
 
 class LaunchError(RuntimeError):
@@ -82,8 +113,10 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(redact(self.cmd))}\n".encode())
             log.flush()
+            parent = os.getpid()
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL, parent))
         with _LOCK:
             _REGISTRY[self.proc.pid] = self
         logger.info("%s started (pid %d) for %s; log: %s", self.name, self.proc.pid, self.url, self.log_path)
@@ -180,7 +213,8 @@ def _install_hooks() -> None:
         previous = signal.getsignal(sig)
 
         def handler(signum, frame, previous=previous):
-            stop_all()
+            if _SIGNALS_STOP_SERVERS:
+                stop_all()
             if callable(previous):
                 previous(signum, frame)
             elif previous == signal.SIG_DFL:

@@ -23,10 +23,20 @@ def _named():
 
 
 def _ipc_child(data, q):
+    import base64
+    import pickle
+
     from rollout.bus.tensor import deserialize_named_tensors
 
+    # Unpatched torch cannot rebuild it: the handle names the GPU by UUID, as SGLang's patched
+    # reductions expect (srt/utils/patch_torch.py); deserialize_named_tensors applies the same patch.
+    try:
+        pickle.loads(base64.b64decode(data))
+        unpatched_failed = False
+    except Exception:  # noqa: BLE001
+        unpatched_failed = True
     named = deserialize_named_tensors(data)
-    q.put([(n, t.cpu()) for n, t in named])
+    q.put((unpatched_failed, [(n, t.cpu()) for n, t in named]))
 
 
 def test_tensor_backend_ipc_handles_round_trip():
@@ -40,8 +50,10 @@ def test_tensor_backend_ipc_handles_round_trip():
     q = ctx.Queue()
     p = ctx.Process(target=_ipc_child, args=(data, q))
     p.start()
-    got = q.get(timeout=120)
+    unpatched_failed, got = q.get(timeout=120)
     p.join(timeout=60)
+    assert unpatched_failed, "the payload must name the GPU by UUID (SGLang's reduction patch), not by index"
+    assert len(got) == len(named)
     for (n, t), (m, u) in zip(named, got):
         assert n == m and u.dtype == t.dtype and torch.equal(u.float(), t.cpu().float())
 

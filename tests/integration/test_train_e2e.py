@@ -21,10 +21,8 @@ pytestmark = pytest.mark.slow  # torchrun trainer runs (make test still runs the
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from megatron_alp.demo.assets import prepare_tiny_assets
-
-    return prepare_tiny_assets(str(tmp_path_factory.mktemp("assets")), warm_steps=55, tp=1)
+def assets(tiny_assets):
+    return tiny_assets  # tests/integration/conftest.py: built once for every end-to-end test
 
 
 def _train(assets, out, name, nproc, *overrides, steps=3):
@@ -63,11 +61,27 @@ def _common_checks(run_dir, steps):
 
 
 def test_token_alp_tp2(assets, tmp_path):
-    run = _train(assets, str(tmp_path), "alp_tp2", 2, "parallel.tp=2")
+    # also: benchmark evaluation between steps (eval.at_start from the demo config, every 2 steps, final)
+    run = _train(assets, str(tmp_path), "alp_tp2", 2, "parallel.tp=2",
+                 f"eval.datasets=[copy_heldout={assets['heldout']}]", "eval.interval=2", "eval.max_problems=16")
     scal, hists = _common_checks(run, 3)
     assert "alp/sigma_hist" in hists
     assert abs(scal["alp/sigma_mean"][-1] - 0.02) > 1e-4, "sigma did not move"
     assert all(0 < r <= 1 for r in scal["rollout/reward_mean"])
+    steps = _steps(run, "eval/copy_heldout/avg@4")
+    assert steps == [0, 2, 3], steps  # the start, eval.interval, the final evaluation
+    for avg, p4 in zip(scal["eval/copy_heldout/avg@4"], scal["eval/copy_heldout/pass@4"]):
+        assert 0 <= avg <= p4 <= 1
+    for s in steps:
+        assert os.path.isfile(os.path.join(run, "eval", f"step_{s:06d}", "results.csv"))
+
+
+def _steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
 
 
 def test_drpo_pp2_alp_off(assets, tmp_path):

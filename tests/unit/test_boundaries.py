@@ -53,8 +53,10 @@ def test_library_does_not_print():
         for f, tree in _sources(package):
             if f.startswith(PRINT_ALLOWED):
                 continue
+            lines = (REPO / f).read_text().splitlines()
             bad += [f"{f}:{n.lineno}" for n in ast.walk(tree)
-                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
+                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+                    and "noqa: T201" not in lines[n.lineno - 1]]  # a stated exception, as ruff honours it
     assert not bad, "print() in the library (use logging): " + ", ".join(bad)
 
 

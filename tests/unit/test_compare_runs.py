@@ -153,3 +153,21 @@ def test_bare_paths_and_missing_runs(cr, runs, tmp_path):
     assert len(groups["all"]) == 3
     with pytest.raises(SystemExit, match="no TensorBoard event files"):
         cr.load_runs([f"x={tmp_path}/nothing_here*"])
+
+
+def test_eval_table_in_the_papers_shape(cr, tmp_path):
+    # two seeds of ALP and one of MIS; avg@4 of two benchmarks at steps 0 and 10 (the last counts)
+    for name, vals in (("alp_s1", (0.50, 0.30)), ("alp_s2", (0.40, 0.20)), ("mis_s1", (0.25, 0.10))):
+        write_run(str(tmp_path / name), {"eval/math500/avg@4": [(0, 0.1), (10, vals[0])],
+                                         "eval/aime2024/avg@4": [(0, 0.0), (10, vals[1])],
+                                         "rollout/reward_mean": steps([0.1, 0.2])})
+    out = tmp_path / "out"
+    assert cr.main(["--run", f"ALP={tmp_path}/alp_s*", "--run", f"MIS={tmp_path}/mis_s1", "--out", str(out),
+                    "--no-plots"]) == 0
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "eval.csv"))}
+    assert float(rows["ALP"]["eval/math500/avg@4"]) == pytest.approx(45.0)  # mean of 50 and 40 percent
+    assert float(rows["ALP"]["eval/aime2024/avg@4"]) == pytest.approx(25.0)
+    assert float(rows["ALP"]["average"]) == pytest.approx(35.0)
+    assert float(rows["MIS"]["average"]) == pytest.approx(17.5)
+    md = open(out / "eval.md").read()
+    assert "| ALP | 2 | 25.00 | 45.00 | 35.00 |" in md  # columns sorted: aime2024, math500

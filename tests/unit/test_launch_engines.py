@@ -43,7 +43,9 @@ def test_local_engine_gets_the_key_from_its_environment(tmp_path):
 def _checkpoint(root, step, version):
     d = root / f"step_{step:08d}"
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({"step": step, "bus_version": version}))
+    (d / "rank_00000.pt").write_bytes(b"x" * 8)  # a complete checkpoint: its rank file, of the recorded size
+    (d / "meta.json").write_text(json.dumps({"step": step, "bus_version": version, "world_size": 1,
+                                             "rank_file_bytes": {"rank_00000.pt": 8}}))
     (root / "latest").write_text(d.name)
 
 

@@ -49,7 +49,7 @@ class ScriptedEngine:
 def cfg(**mt):
     return RolloutConfig(n_samples=2, max_new_tokens=200, reward="math",
                          multi_turn=MultiTurnConfig(enabled=True, **mt),
-                         sandbox=SandboxConfig(timeout_s=10))
+                         sandbox=SandboxConfig(timeout_s=10, allow_unisolated_root=True))  # bwrap where present
 
 
 PROMPT = "<|im_start|>user\nWhat is 6*7?<|im_end|>\n<|im_start|>assistant\n"

@@ -1,4 +1,9 @@
-"""The Python tool sandbox: time, memory, network and file-system limits; the caller is unharmed."""
+"""The Python tool sandbox: time, memory, network and file-system limits; the caller is unharmed.
+
+Each behaviour runs under both isolations: bubblewrap (the boundary; skipped with the reason where
+it cannot run) and the unisolated fallback (allowed as root here only by its explicit flag).
+Escapes by code that knows it is sandboxed: tests/unit/test_sandbox_escapes.py.
+"""
 
 import ctypes
 import os
@@ -13,6 +18,18 @@ import pytest
 
 from rollout.config import SandboxConfig
 from rollout.sandbox import Sandbox
+from rollout.sandbox_bwrap import bwrap_unusable
+
+
+@pytest.fixture(params=["bwrap", "none"])
+def make_cfg(request):
+    """SandboxConfig factory for one isolation."""
+    if request.param == "bwrap" and bwrap_unusable("nobody"):
+        pytest.skip(bwrap_unusable("nobody"))
+
+    def make(**kw):
+        return SandboxConfig(isolation=request.param, allow_unisolated_root=True, **kw)
+    return make
 
 
 def _can_unshare_net() -> bool:
@@ -70,11 +87,12 @@ def test_the_network_probe_connects_without_a_sandbox(listener):
 
 
 @pytest.mark.parametrize("mode", ["audit", "namespace", "auto"])
-def test_network_connection_fails(listener, mode):
+def test_network_connection_fails_unisolated(listener, mode):
     if mode == "namespace" and not _can_unshare_net():
         pytest.skip("no permission to create a network namespace (not root)")
     port, accepted = listener
-    res = Sandbox(SandboxConfig(timeout_s=10, network=mode)).run_sync(CONNECT.format(port=port))
+    cfg = SandboxConfig(timeout_s=10, network=mode, isolation="none", allow_unisolated_root=True)
+    res = Sandbox(cfg).run_sync(CONNECT.format(port=port))
     assert res.status == "ok", res
     assert "BLOCKED" in res.stdout and "CONNECTED" not in res.stdout
     # A sentinel connection after the sandbox ended: the listener accepts in arrival order, so once
@@ -94,21 +112,21 @@ def test_network_connection_fails(listener, mode):
         assert "PermissionError" in res.stdout
 
 
-def test_infinite_loop_times_out():
+def test_infinite_loop_times_out(make_cfg):
     t0 = time.monotonic()
-    res = Sandbox(SandboxConfig(timeout_s=1.0)).run_sync("print('started', flush=True)\nwhile True:\n    pass\n")
+    res = Sandbox(make_cfg(timeout_s=1.0)).run_sync("print('started', flush=True)\nwhile True:\n    pass\n")
     assert res.status == "timeout" and res.stdout.startswith("started")
     assert time.monotonic() - t0 < 8
 
 
-def test_memory_bomb_is_stopped():
+def test_memory_bomb_is_stopped(make_cfg):
     code = "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024 * 1024))\n"
-    res = Sandbox(SandboxConfig(timeout_s=20, memory_mb=256)).run_sync(code)
+    res = Sandbox(make_cfg(timeout_s=20, memory_mb=256)).run_sync(code)
     assert res.status == "memory", res
     assert res.duration_s < 20
 
 
-def test_writes_outside_the_private_directory_fail(tmp_path):
+def test_writes_outside_the_private_directory_fail(tmp_path, make_cfg):
     target = tmp_path / "victim.txt"
     target.write_text("original")
     code = f"""
@@ -133,7 +151,7 @@ open("inside.txt", "w").write("mine")
 os.makedirs("sub/dir")
 print("inside ok", open("inside.txt").read(), os.path.isdir("sub/dir"))
 """
-    res = Sandbox(SandboxConfig(timeout_s=20)).run_sync(code)
+    res = Sandbox(make_cfg(timeout_s=20)).run_sync(code)
     assert res.status == "ok", res
     assert "ALLOWED" not in res.stdout and res.stdout.count("DENIED") == 9
     assert "inside ok mine True" in res.stdout
@@ -141,8 +159,8 @@ print("inside ok", open("inside.txt").read(), os.path.isdir("sub/dir"))
     assert target.read_text() == "original"
 
 
-def test_output_is_capped_and_errors_are_reported():
-    sb = Sandbox(SandboxConfig(timeout_s=10, max_output_chars=1000))
+def test_output_is_capped_and_errors_are_reported(make_cfg):
+    sb = Sandbox(make_cfg(timeout_s=10, max_output_chars=1000))
     res = sb.run_sync("print('x' * 100000)")
     assert res.status == "ok" and res.truncated and len(res.stdout) == 1000
     err = sb.run_sync("print('before')\n1/0")
@@ -150,7 +168,7 @@ def test_output_is_capped_and_errors_are_reported():
     assert "sandbox_child" not in err.stderr  # only the tool's own frames
 
 
-def test_the_caller_is_unharmed(tmp_path):
+def test_the_caller_is_unharmed(tmp_path, make_cfg):
     import signal
 
     cwd, env_keys = os.getcwd(), set(os.environ)
@@ -158,7 +176,7 @@ def test_the_caller_is_unharmed(tmp_path):
     signalled = []
     previous = signal.signal(signal.SIGUSR1, lambda *a: signalled.append(a))
     try:
-        sb = Sandbox(SandboxConfig(timeout_s=1, memory_mb=256))
+        sb = Sandbox(make_cfg(timeout_s=1, memory_mb=256))
         results = [sb.run_sync(code) for code in (
             "while True: pass", "x = bytearray(2 * 1024**3)",
             "import os, signal; os.kill(os.getppid(), signal.SIGUSR1)",
@@ -178,13 +196,28 @@ def test_the_caller_is_unharmed(tmp_path):
     assert after <= before  # every private directory was removed
 
 
-def test_concurrent_runs():
+def test_concurrent_runs(make_cfg):
     import asyncio
 
-    sb = Sandbox(SandboxConfig(timeout_s=10, max_concurrent=3))
+    sb = Sandbox(make_cfg(timeout_s=10, max_concurrent=3))
 
     async def main():
         return await asyncio.gather(*(sb.run(f"print({i} * {i})") for i in range(6)))
 
     results = asyncio.run(main())
     assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
+
+
+def test_unisolated_fallback_refuses_root_unless_allowed(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("the refusal is for root")
+    with pytest.raises(RuntimeError, match="allow_unisolated_root"):
+        Sandbox(SandboxConfig(isolation="none"))
+    import rollout.sandbox_bwrap as bw
+
+    monkeypatch.setattr(bw, "bwrap_unusable", lambda user: "bwrap is not installed (simulated)")
+    with pytest.raises(RuntimeError, match="simulated"):
+        Sandbox(SandboxConfig())  # auto without bwrap: refused too, naming why
+    with pytest.raises(RuntimeError, match="isolation=bwrap: bwrap is not installed"):
+        Sandbox(SandboxConfig(isolation="bwrap", allow_unisolated_root=True))
+    assert Sandbox(SandboxConfig(allow_unisolated_root=True)).isolated is False
