@@ -150,13 +150,15 @@ def main(argv=None) -> None:
                 if name in ("xxh3_128", "sha256", "sha256_1t"):
                     algorithm = name.removesuffix("_1t")
                     with hash_pool(1 if name.endswith("_1t") else None) as pool:
-                        dt = _timed(lambda: [r() for r in [submit_digest(t, pool, algorithm) for _, t in named]])
+                        dt = _timed(lambda pool=pool, algorithm=algorithm: [r() for r in [submit_digest(t, pool, algorithm)
+                                                                              for _, t in named]])
                 elif name == "plain":
                     d = os.path.join(root, f"plain-{rep}")
-                    dt = _timed(lambda: _plain(named, bucket, d))
+                    dt = _timed(lambda d=d: _plain(named, bucket, d))
                     shutil.rmtree(d)
                 else:
-                    dt = _timed(lambda: buses[name].publish(version + 1, named, config=config, bucket_bytes=bucket))
+                    dt = _timed(lambda name=name, version=version: buses[name].publish(version + 1, named, config=config,
+                                                                                    bucket_bytes=bucket))
                 if rep:
                     res[name].append(dt)
             version += 1

@@ -35,9 +35,10 @@ import torch
 
 from .dist_stats import all_reduce_, gather_values, sorted_quantiles, subsample
 from .divergence import dppo_invalid, drpo_weight
-from .hparams import DRPO_FAMILY, NEEDS_OLD_LOGP, RATIO_OBJECTIVES, SEQUENCE_LEVEL, check_hparams
-from .objectives import _bool_mask, broadcast_advantages, effective_mask
+from .hparams import check_hparams
+from .objectives import _bool_mask, broadcast_advantages, effective_mask, is_weight_level, is_weight_mode
 from .ratio import LOG_RATIO_CLAMP, importance_weight, loss_log_ratio
+from .registry import objective as lookup
 
 QUANTILES = ((0.001, "p0.1"), (0.01, "p1"), (0.05, "p5"), (0.25, "p25"), (0.5, "p50"),
              (0.75, "p75"), (0.95, "p95"), (0.99, "p99"), (0.999, "p99.9"))
@@ -96,9 +97,32 @@ def _check_inputs(objective, hparams, logp, advantages, old_logp) -> dict:
     hp = check_hparams(objective, dict(hparams or {})) if objective is not None else {}
     if objective is not None and advantages is None:
         raise ValueError(f"metrics of objective {objective!r} need advantages")
-    if objective in NEEDS_OLD_LOGP and old_logp is None:
+    if objective is not None and lookup(objective).needs_old_logp and old_logp is None:
         raise ValueError(f"metrics of objective {objective!r} need old_logp")
     return hp
+
+
+def _counted_tokens(objective, m: torch.Tensor, inputs: Dict[str, Optional[torch.Tensor]],
+                    local: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tokens the metrics count: ``m`` minus tokens with a non-finite input (whole sequences for
+    sequence-level objectives); adds ``train/nonfinite_*`` and ``train/dropped_tokens`` to ``local``."""
+    shape, f64 = tuple(m.shape), torch.float64
+    bad = torch.zeros_like(m)
+    for k, t in inputs.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{k} has shape {tuple(t.shape)}, expected {shape} (the shape of logp)")
+        nonfinite = m & ~torch.isfinite(t.detach())
+        local[f"train/nonfinite_{k}"] = nonfinite.sum().to(f64)
+        bad |= nonfinite
+    loss_valid = effective_mask(objective, m, inputs["logp"], inputs["rollout_logp"], inputs.get("advantages"),
+                                inputs["old_logp"])
+    local["train/dropped_tokens"] = (m & ~loss_valid).sum().to(f64)
+    v = m & ~bad
+    if objective is not None and lookup(objective).sequence_level:
+        v &= ~bad.any(dim=-1, keepdim=True)
+    return v
 
 
 @torch.no_grad()
@@ -130,26 +154,12 @@ def compute_metrics(
     """
     hp = _check_inputs(objective, hparams, logp, advantages, old_logp)
     shape = tuple(logp.shape)
-    m = _bool_mask(mask, shape)
     dev, f64 = logp.device, torch.float64
     inputs = {"logp": logp, "rollout_logp": rollout_logp, "old_logp": old_logp, "base_logp": base_logp}
     if advantages is not None:
         inputs["advantages"] = broadcast_advantages(advantages, shape)
     local: Dict[str, torch.Tensor] = {}
-    bad = torch.zeros_like(m)
-    for k, t in inputs.items():
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{k} has shape {tuple(t.shape)}, expected {shape} (the shape of logp)")
-        nonfinite = m & ~torch.isfinite(t.detach())
-        local[f"train/nonfinite_{k}"] = nonfinite.sum().to(f64)
-        bad |= nonfinite
-    loss_valid = effective_mask(objective, m, logp, rollout_logp, advantages, old_logp)
-    local["train/dropped_tokens"] = (m & ~loss_valid).sum().to(f64)
-    v = m & ~bad
-    if objective in SEQUENCE_LEVEL:
-        v &= ~bad.any(dim=-1, keepdim=True)
+    v = _counted_tokens(objective, _bool_mask(mask, shape), inputs, local)
 
     def clean(t):
         return None if t is None else torch.where(v, t.detach().to(f64), torch.zeros((), dtype=f64, device=dev))
@@ -197,7 +207,12 @@ def compute_metrics(
         if num in g:
             out[key] = _div(g[num], n_seq if den == "seq" else n_tok, 0.0 if key.endswith("_frac") else nan)
 
-    # Gathered values: exact quantiles and histogram samples.
+    _put_gathered(out, x_tok, x_seq, gathered, group, hist_samples, hist_seed)
+    return out
+
+
+def _put_gathered(out, x_tok, x_seq, gathered, group, hist_samples: int, hist_seed: int) -> None:
+    """Exact quantiles and histogram samples of values gathered from every rank of ``group``."""
     tok_sorted = gather_values(x_tok, group).sort().values
     seq_sorted = gather_values(x_seq, group).sort().values
     _put_quantiles(out, "ratio/token", tok_sorted.exp())
@@ -209,7 +224,6 @@ def compute_metrics(
         _put_quantiles(out, prefix, srt)
         if prefix == "ratio/loss":
             out["ratio/loss_log_ratio_hist"] = subsample(srt.log(), hist_samples, hist_seed)
-    return out
 
 
 def _mismatch_locals(lbase, lmu, v, has, local, group) -> torch.Tensor:
@@ -268,7 +282,8 @@ def _objective_locals(objective, hp, lp, lmu, lold, adv, v, has, local) -> Dict[
     f64 = torch.float64
     if objective is None:
         return {}
-    if objective in RATIO_OBJECTIVES:
+    spec = lookup(objective)
+    if spec.clips_ratio:
         rho = loss_log_ratio(objective, lp, lmu, lold, v).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
         lo, hi = 1.0 - hp["eps_low"], 1.0 + hp["eps_high"]
         local["clip_low"] = (v & (adv < 0) & (rho < lo)).sum().to(f64)
@@ -276,23 +291,21 @@ def _objective_locals(objective, hp, lp, lmu, lold, adv, v, has, local) -> Dict[
         if hp["dual_clip"] is not None:
             capped = torch.maximum(rho, rho.clamp(lo, hi)) > hp["dual_clip"]
             local["clip_dual"] = (v & (adv < 0) & capped).sum().to(f64)
-        if objective.startswith(("mis_", "tis_")):
-            mode = "mask" if objective.startswith("mis_") else "truncate"
-            w, info = importance_weight(
-                objective.split("_")[1], mode, lold, lmu, v,
-                is_low=hp.get("is_low", 0.0), is_high=hp["is_high"], veto=hp["veto"],
-            )
+        if spec.family in ("mis", "tis"):
+            mode = is_weight_mode(spec)
+            w, info = importance_weight(is_weight_level(spec), mode, lold, lmu, v,
+                                        is_low=hp.get("is_low", 0.0), is_high=hp["is_high"], veto=hp["veto"])
             local["is_w"] = w[v].sum()
             local["is_masked" if mode == "mask" else "is_trunc"] = info[
                 "masked" if mode == "mask" else "truncated"].sum().to(f64)
             local["vetoed"] = (info["vetoed"].any(dim=-1) & has).sum().to(f64)
         return {"ratio/loss": rho[v]}
-    if objective.startswith("dppo_"):
-        inv = dppo_invalid(objective.split("_")[1], lp, lmu, adv, hp["delta"]) & v
+    if spec.family == "dppo":
+        inv = dppo_invalid(spec.kind, lp, lmu, adv, hp["delta"]) & v
         local["dppo_masked"] = inv.sum().to(f64)
         return {}
-    if objective in DRPO_FAMILY:
-        w = drpo_weight(objective, lp, lmu, adv, hp["delta"], hp.get("dppo_delta"))[v]
+    if spec.family == "drpo":
+        w = drpo_weight(spec.kind, lp, lmu, adv, hp["delta"], hp.get("dppo_delta"))[v]
         local["drpo_w"] = w.sum()
         local["drpo_neg"] = (w < 0).sum().to(f64)
         return {"drpo/w": w}

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .registry import objective as lookup
+
 # ALGORITHMS.md section 1: log rho is clamped to [-20, 20] before exp (the reference does the same).
 LOG_RATIO_CLAMP = 20.0
 
@@ -54,9 +56,10 @@ def loss_log_ratio(
     geometric-mean sequence ratio against the recomputed ``pi_old``; the other decoupled objectives
     (``ppo``, ``mis_*``, ``tis_*``): the token ratio ``lp - lold``.
     """
-    if objective.startswith("bypass_"):
-        return policy_log_ratio(objective.split("_")[1], logp, rollout_logp, valid)
-    if objective == "mis_seq_geo":
+    spec = lookup(objective)
+    if spec.family == "bypass":
+        return policy_log_ratio(spec.kind, logp, rollout_logp, valid)
+    if spec.kind == "geo":
         return policy_log_ratio("geo", logp, old_logp, valid)
     return logp - old_logp
 

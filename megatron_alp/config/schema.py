@@ -14,8 +14,6 @@ from rollout.eval.config import EvalConfig
 
 from ..algo.config import AlgorithmConfig
 
-FAMILIES = ("qwen2", "qwen3", "llama")
-
 
 def _at_least(section: str, obj, low, *names: str) -> None:
     """Each named field (None = unset, skipped) must be >= ``low``."""

@@ -32,6 +32,9 @@ def run_cmd(cmd, env=None) -> None:
         raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def prepare_tiny_assets(out: str, warm_steps: int = 55, tp: int = 2, num_prompts: int = 1024,
                         log: Callable[[str], None] = logger.info, hidden_size: int = 64,
                         intermediate_size: int = 128, digits: int = 3) -> Dict[str, str]:
@@ -60,8 +63,11 @@ def prepare_tiny_assets(out: str, warm_steps: int = 55, tp: int = 2, num_prompts
                 f.write(json.dumps(r) + "\n")
     log("[3/5] convert HF -> Megatron (tools/convert.py)")
     mcore_dir = os.path.join(out, "mcore")
+    # The tool spawns its own TP world; a caller's torch.distributed variables (an in-process
+    # single-rank group sets WORLD_SIZE=1) would make it join a world of 1 instead.
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     run_cmd([sys.executable, "tools/convert.py", "hf-to-mcore", "--hf", hf_dir, "--out", mcore_dir,
-             "--tp", str(tp), "--no-progress"])
+             "--tp", str(tp), "--no-progress"], env=env)
     return {"hf": hf_dir, "mcore": mcore_dir, "data": data, "heldout": heldout}
 
 

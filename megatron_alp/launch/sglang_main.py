@@ -24,7 +24,7 @@ def key_args(environ=os.environ) -> list:
             with open(path) as f:
                 key = f.read().strip()
         except OSError as e:
-            raise SystemExit(f"ROLLOUT_API_KEY_FILE={path}: cannot read the API key: {e}")
+            raise SystemExit(f"ROLLOUT_API_KEY_FILE={path}: cannot read the API key: {e}") from None
         if not key:
             raise SystemExit(f"ROLLOUT_API_KEY_FILE={path} is empty")
         return ["--api-key", key]

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     why = check(argv[0] if argv else "")
     node = socket.gethostname()
-    print(f"{node}: FP8 training ({argv[0] if argv else '?'}): {why or 'supported'}", flush=True)
+    print(f"{node}: FP8 training ({argv[0] if argv else '?'}): {why or 'supported'}", flush=True)  # noqa: T201 - the step's output
     return 1 if why else 0
 
 

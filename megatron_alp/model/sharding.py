@@ -27,6 +27,13 @@ _LAYER_RE = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _layer_offsets(model) -> Dict[int, int]:
     """local layer index -> global (0-based) layer index for this pipeline chunk."""
     layers = getattr(getattr(model, "decoder", None), "layers", [])

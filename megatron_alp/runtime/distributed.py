@@ -30,8 +30,8 @@ class Layout:
     world_size: int
 
 
-def validate_layout(parallel, world_size: int, model=None) -> Layout:
-    """Check a parallel config section against the world size (and the model, when given).
+def validate_layout(parallel, world_size: int, model_cfg=None) -> Layout:
+    """Check a parallel config section against the world size (and the model section, when given).
 
     ``parallel`` is a :class:`megatron_alp.config.schema.ParallelConfig` (or anything with the
     fields ``tp``, ``pp``, ``cp``, ``sequence_parallel`` and optionally ``dp``). Raises
@@ -55,18 +55,18 @@ def validate_layout(parallel, world_size: int, model=None) -> Layout:
         )
     if parallel.sequence_parallel and tp == 1:
         raise ValueError("parallel.sequence_parallel needs parallel.tp > 1 (got tp = 1)")
-    if model is not None:
-        if model.num_attention_heads % tp:
+    if model_cfg is not None:
+        if model_cfg.num_attention_heads % tp:
             raise ValueError(
-                f"model.num_attention_heads = {model.num_attention_heads} is not divisible by parallel.tp = {tp}"
+                f"model.num_attention_heads = {model_cfg.num_attention_heads} is not divisible by parallel.tp = {tp}"
             )
-        groups = model.num_query_groups or model.num_attention_heads
+        groups = model_cfg.num_query_groups or model_cfg.num_attention_heads
         if groups % tp:
             raise ValueError(f"model.num_query_groups = {groups} is not divisible by parallel.tp = {tp}")
-        if model.num_layers % pp:
-            raise ValueError(f"model.num_layers = {model.num_layers} is not divisible by parallel.pp = {pp}")
-        if model.ffn_hidden_size % tp:
-            raise ValueError(f"model.ffn_hidden_size = {model.ffn_hidden_size} is not divisible by parallel.tp = {tp}")
+        if model_cfg.num_layers % pp:
+            raise ValueError(f"model.num_layers = {model_cfg.num_layers} is not divisible by parallel.pp = {pp}")
+        if model_cfg.ffn_hidden_size % tp:
+            raise ValueError(f"model.ffn_hidden_size = {model_cfg.ffn_hidden_size} is not divisible by parallel.tp = {tp}")
     return Layout(tp=tp, pp=pp, cp=cp, dp=dp, sp=bool(parallel.sequence_parallel), world_size=world_size)
 
 
@@ -119,7 +119,7 @@ def handover_group(timeout_minutes: float):
     return _HANDOVER["group"]
 
 
-def init_parallel_state(parallel, model=None, seed: Optional[int] = None) -> Layout:
+def init_parallel_state(parallel, model_cfg=None, seed: Optional[int] = None) -> Layout:
     """Validate the layout, then create Megatron's parallel groups (and seed the RNG tracker).
 
     Re-initialising with another layout in the same process is allowed (the groups are destroyed
@@ -129,7 +129,7 @@ def init_parallel_state(parallel, model=None, seed: Optional[int] = None) -> Lay
 
     timeout = getattr(parallel, "pg_timeout_minutes", DEFAULT_PG_TIMEOUT_MINUTES)
     init_distributed(timeout)
-    layout = validate_layout(parallel, dist.get_world_size(), model)
+    layout = validate_layout(parallel, dist.get_world_size(), model_cfg)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

@@ -1,6 +1,6 @@
 """The trainer's side of the checkpoint bus: ``publish`` on every rank, ``commit`` on the driver.
 
-    publisher = make_publisher(cfg)                      # every rank, once
+    publisher = Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision)  # every rank, once
     pub = publisher.publish(version, model_chunks,        # every rank (collective)
                             fleet=fleet if rank == 0 else None)
     if rank == 0:
@@ -32,13 +32,14 @@ import torch
 import torch.distributed as dist
 
 from rollout.bus.address import node_address
-from rollout.bus.disk import DiskBus, hash_pool, verify_part, version_dirname
+from rollout.bus.disk import DiskBus, hash_pool, verify_part
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
 
 from ..convert.hf_config import hf_config_for_export, read_hf_config
+from ..convert.hf_export import export_role, iter_hf_tensors
 from ..convert.mapping import WeightMap
-from .export import EXPORT_DTYPES, buckets, export_role, iter_hf_tensors
+from .export import EXPORT_DTYPES, buckets
 from .order import exporter_ranks, order_group, send_in_order
 
 logger = logging.getLogger(__name__)
@@ -95,16 +96,16 @@ def _gather(obj: Any) -> List[Any]:
 class Publisher:
     """Publishes a Megatron model's weights as bus versions (see the module docstring)."""
 
-    def __init__(self, bus, model, *, precision: str = "fp32", hf_config: Optional[Dict[str, Any]] = None,
+    def __init__(self, bus, model_cfg, *, precision: str = "fp32", hf_config: Optional[Dict[str, Any]] = None,
                  tokenizer_dir: Optional[str] = None):
         if precision not in EXPORT_DTYPES:
             raise ValueError(f"rollout precision must be one of {sorted(EXPORT_DTYPES)}, got {precision!r}")
-        self.cfg, self.model = bus, model
+        self.bus, self.model_cfg = bus, model_cfg
         self.precision = precision
         self.dtype = EXPORT_DTYPES[precision]
-        self.weight_map = WeightMap.for_model(model.family, model)
+        self.weight_map = WeightMap.for_model(model_cfg.family, model_cfg)
         self.bucket_bytes = int(bus.bucket_mb) * 2 ** 20
-        self.tokenizer_dir = tokenizer_dir or model.hf_path
+        self.tokenizer_dir = tokenizer_dir or model_cfg.hf_path
         self._hf_config = hf_config
         self.disk = (DiskBus(bus.dir, bus.keep, fsync=bus.fsync, checksum=bus.checksum)
                      if bus.backend == "disk" else None)
@@ -119,19 +120,15 @@ class Publisher:
         self._order: Optional[Tuple] = None  # (the exporting ranks' gloo group or None,), made once
 
     # -- helpers -------------------------------------------------------------------------------
-    def engine_model_path(self, version: int) -> str:
-        """The directory of a disk version (engines can be launched on it)."""
-        return os.path.join(os.path.abspath(self.cfg.dir), version_dirname(version))
-
     def hf_config(self) -> Dict[str, Any]:
         """config.json of a published version: the source's (or one built from the model section),
         with the export dtype and, for FP8, the block-FP8 ``quantization_config``."""
         if self._hf_config is None:
-            self._hf_config = export_config(self.model, self.precision)
+            self._hf_config = export_config(self.model_cfg, self.precision)
         return dict(self._hf_config)
 
     def _tensors(self, model_chunks):
-        named = iter_hf_tensors(model_chunks, self.weight_map, self.model.vocab_size)
+        named = iter_hf_tensors(model_chunks, self.weight_map, self.model_cfg.vocab_size)
         if self.precision == "fp8":
             return quantize_named(named, other_dtype=self.dtype)
         return ((n, t.to(self.dtype)) for n, t in named)
@@ -176,15 +173,38 @@ class Publisher:
         ``rewind=True`` (after resuming from a checkpoint) first removes disk versions >= ``version``.
         """
         t0 = time.perf_counter()
-        if self.cfg.backend == "disk":
+        if self.bus.backend == "disk":
             pub = self._publish_disk(int(version), model_chunks, rewind)
         else:
             pub = self._publish_stream(int(version), model_chunks, fleet)
         pub.seconds = time.perf_counter() - t0
         if dist.get_rank() == 0:
-            logger.info("bus: version %d exported (%s, %.1f MB in %.2f s)", version, self.cfg.backend,
+            logger.info("bus: version %d exported (%s, %.1f MB in %.2f s)", version, self.bus.backend,
                         pub.bytes / 1e6, pub.seconds)
         return pub
+
+    def _write_stage(self, version: int, model_chunks, staged: str) -> Tuple[Optional[str], int]:
+        """This rank's part of a disk publication: (error or None, bytes written). Every exporting rank
+        takes part in the TP gathers; a stage's writer streams its shards and verifies them."""
+        nbytes = 0
+        try:
+            tensors = self._tensors(model_chunks)
+            if not export_role()[1]:
+                for _ in tensors:  # take part in the TP gathers
+                    pass
+                return None, 0
+            with hash_pool() as pool:
+                writer = self.disk.writer(staged, f"pp{self._stage()}", self.bucket_bytes, pool)
+                for name, t in tensors:
+                    writer.add(name, t)
+                    nbytes += t.numel() * t.element_size()
+                entries, _ = writer.close()
+                if self.bus.verify:  # each stage re-reads its own shards, all stages at once
+                    verify_part(staged, entries, self.disk.checksum, pool)
+            return None, nbytes
+        except Exception as e:
+            logger.exception("bus: export of version %d failed on this rank", version)
+            return f"rank {dist.get_rank()}: {type(e).__name__}: {e}", nbytes
 
     def _publish_disk(self, version: int, model_chunks, rewind: bool) -> Published:
         head: Tuple[str, str] = ("error", "")
@@ -201,25 +221,7 @@ class Publisher:
         status, staged = _bcast(head)
         if status != "ok":
             raise PublishError(f"version {version}: {staged}")
-        err, nbytes = None, 0
-        try:
-            tensors = self._tensors(model_chunks)
-            if export_role()[1]:
-                with hash_pool() as pool:
-                    writer = self.disk.writer(staged, f"pp{self._stage()}", self.bucket_bytes, pool)
-                    for name, t in tensors:
-                        writer.add(name, t)
-                        nbytes += t.numel() * t.element_size()
-                    entries, _ = writer.close()
-                    if self.cfg.verify:  # each stage re-reads its own shards, all stages at once
-                        verify_part(staged, entries, self.disk.checksum, pool)
-            else:
-                for _ in tensors:  # take part in the TP gathers
-                    pass
-        except Exception as e:
-            logger.exception("bus: export of version %d failed on this rank", version)
-            err = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
-        reports = _gather((err, nbytes))
+        reports = _gather(self._write_stage(version, model_chunks, staged))
         errors = [e for e, _ in reports if e]
         manifest = None
         if dist.get_rank() == 0:
@@ -285,7 +287,7 @@ class Publisher:
         for _, errs, _ in reports:
             for url, msg in errs.items():
                 errors.setdefault(url, msg)
-        return Published(version, self.cfg.backend, errors=errors, bytes=sum(n for _, _, n in reports))
+        return Published(version, self.bus.backend, errors=errors, bytes=sum(n for _, _, n in reports))
 
     def _open_sessions(self, fleet) -> Tuple:
         """Rank 0: pause the fleet, open a session on each engine, learn each engine's rank count."""
@@ -293,7 +295,7 @@ class Publisher:
         from rollout.bus.commit import begin_session
 
         if fleet is None:
-            return ("error", f"bus.backend = {self.cfg.backend} needs the fleet on rank 0 (publish(..., fleet=fleet))")
+            return ("error", f"bus.backend = {self.bus.backend} needs the fleet on rank 0 (publish(..., fleet=fleet))")
         try:
             failed = run_sync(begin_session(fleet))
             clients = [c for c in fleet.live_clients if c.url not in failed]
@@ -314,17 +316,17 @@ class Publisher:
         if self._sender is not None and self._sender_key == key:
             return self._sender
         self._drop_sender()
-        client_cfg = ClientConfig(max_retries=0, control_timeout_s=self.cfg.timeout_s)
+        client_cfg = ClientConfig(max_retries=0, control_timeout_s=self.bus.timeout_s)
         clients = [EngineClient(u, api_key=api_key, config=client_cfg) for u in urls]
-        if self.cfg.backend == "tensor":
+        if self.bus.backend == "tensor":
             sender = TensorSender(clients, ranks)
         else:
             self._generation += 1
             # Per node: each stage's sender may run on another node (rollout/bus/address.py).
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            address = self.cfg.master_address or node_address(urls, backend)
+            address = self.bus.master_address or node_address(urls, backend)
             sender = DistributedSender(clients, group_name=f"megatron-alp-pp{self._stage()}-g{self._generation}",
-                                       engine_ranks=ranks, master_address=address, timeout_s=self.cfg.timeout_s)
+                                       engine_ranks=ranks, master_address=address, timeout_s=self.bus.timeout_s)
         sender.connect()
         self._sender, self._sender_key = sender, key
         return sender
@@ -341,7 +343,7 @@ class Publisher:
         from rollout.aio import run_sync
         from rollout.bus.commit import commit, disk_apply, session_apply
 
-        common = dict(retries=self.cfg.retries, on_failure=self.cfg.on_engine_failure, spot_check=spot_check)
+        common = dict(retries=self.bus.retries, on_failure=self.bus.on_engine_failure, spot_check=spot_check)
         if published.backend == "disk":
             return run_sync(commit(fleet, published.version, disk_apply(published.path, published.version), **common))
         return run_sync(commit(fleet, published.version, session_apply(published.version), already_paused=True,
@@ -359,8 +361,3 @@ async def _engine_ranks(client) -> int:
         raise BusError(f"engine {client.url} runs dp_size={dp}, pp_size={pp}: SGLang's weight-update group "
                        f"ranks are rank_offset + tp_rank, so use one server per replica with the nccl backend")
     return tp
-
-
-def make_publisher(cfg) -> Publisher:
-    """A :class:`Publisher` for the full config (bus section, model section, rollout precision)."""
-    return Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision, tokenizer_dir=cfg.model.hf_path)

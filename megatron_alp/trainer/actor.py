@@ -1,6 +1,6 @@
 """The actor: forward/backward over micro-batches with Megatron's schedule, the objective, the step.
 
-Data layout (``RLBatch``): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
+Data layout (:class:`~.batch.RLBatch`): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
 ``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
 Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
 sequence parallelism is on, and of 16 more under FP8; ``batching.seq_pad_multiple``): Megatron's pipeline schedule sends fixed-shape activations between
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
 import torch
@@ -29,44 +28,29 @@ from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_
 from ..model.alp import alp_forward
 from ..ops.logprob import vocab_parallel_logprobs
 from ..runtime.device import any_rank, to_device
+from .batch import RLBatch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RLBatch:
-    """One data-parallel rank's share of a mini-batch (see module docstring)."""
-
-    tokens: torch.Tensor  # [N, L] int64
-    loss_mask: torch.Tensor  # [N, L] float/bool: counted response tokens
-    rollout_logp: torch.Tensor  # [N, L] fp32
-    advantages: torch.Tensor  # [N] fp32
-    old_logp: Optional[torch.Tensor] = None  # [N, L]
-    ref_logp: Optional[torch.Tensor] = None  # [N, L]
-    base_logp: Optional[torch.Tensor] = None  # [N, L] unperturbed pi_old at the step's start: metrics only
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def select(self, idx) -> "RLBatch":
-        return RLBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
-                          for f in fields(self)})
 
 
 class Actor:
     """Owns the model chunks, the optimizer and the forward/backward logic of one trainer rank."""
 
-    def __init__(self, cfg, model_chunks: List, optimizer=None):
+    def __init__(self, algorithm, run, alp, model_chunks: List, optimizer=None, *, vocab_size: int,
+                 temperature: float = 1.0):
+        """``algorithm``, ``run``, ``alp``: the config sections; ``vocab_size``: the model's true
+        vocabulary (padding excluded); ``temperature``: the rollout's sampling temperature."""
         from megatron.core import parallel_state as ps
 
-        self.cfg = cfg
         self.chunks = model_chunks
         self.optimizer = optimizer
         self.ps = ps
-        self.algo = cfg.algorithm
-        self.hparams = cfg.algorithm.objective_hparams()
-        self.vocab_size = cfg.model.vocab_size
-        self.temperature = cfg.rollout.temperature
+        self.algo = algorithm
+        self.micro_batch_size = run.micro_batch_size
+        self.perturb = alp.enabled
+        self.hparams = algorithm.objective_hparams()
+        self.vocab_size = vocab_size
+        self.temperature = temperature
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -75,7 +59,7 @@ class Actor:
         return self.ps.is_pipeline_last_stage()
 
     def _micro_batches(self, batch: RLBatch) -> List[RLBatch]:
-        mbs = self.cfg.run.micro_batch_size
+        mbs = self.micro_batch_size
         return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
@@ -151,7 +135,7 @@ class Actor:
         micro = self._micro_batches(batch)
         normalizer = self._global_normalizer(batch)
         scale = len(micro) * self.ps.get_data_parallel_world_size()
-        perturb = step if self.cfg.alp.enabled else None
+        perturb = step if self.perturb else None
         stash: List[dict] = []
         want_entropy = True  # entropy is logged every step (policy/entropy), not only when it is in the loss
 

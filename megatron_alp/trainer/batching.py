@@ -13,7 +13,7 @@ from typing import List, Sequence
 
 import torch
 
-from .actor import RLBatch
+from .batch import RLBatch
 
 
 def collate(samples: Sequence, advantages: torch.Tensor, pad_id: int = 0, pad_multiple: int = 1) -> RLBatch:

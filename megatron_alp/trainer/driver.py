@@ -16,7 +16,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..algo.advantages import compute_advantages
-from .actor import RLBatch
+from .batch import RLBatch
 from .batching import collate, seq_pad_multiple
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,13 @@ class RolloutDriver:
             "perf/rollout_s": seconds,
             "perf/rollout_tokens_per_s": sum(n_tok) / max(seconds, 1e-9),
         }
+
+    def state_dict(self) -> Dict:
+        """What a resume needs to continue the rollout where it stopped (the prompt stream's position)."""
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.stream.load_state_dict(state["stream"])
 
     def close(self) -> None:
         from rollout.aio import run_sync

@@ -22,6 +22,7 @@ from ..runtime.device import any_rank
 from ..runtime.distributed import Layout, init_distributed, init_parallel_state, validate_layout
 from ..runtime.placement import check_gpu_placement
 from .actor import Actor
+from .batching import dp_shard
 from .optim import Optimizer, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -83,14 +84,26 @@ def redacted(cfg: Config) -> Config:
 
 @dataclass
 class Trainer:
-    cfg: Config
+    """This rank's share of the trainer: the model, its optimizer, and the actors that use them."""
+
     layout: Layout
+    dp_rank: int  # this rank's data-parallel coordinate
     run_dir: str
     model: torch.nn.Module  # this rank's GPTModel chunk (unwrapped)
     ddp: torch.nn.Module
     optimizer: Optimizer
     actor: Actor
     ref_actor: Optional[Actor]
+
+    def shard(self, batch):
+        """This rank's data-parallel share of a full batch."""
+        return dp_shard(batch, self.dp_rank, self.layout.dp)
+
+
+def make_actor(cfg: Config, model_chunks: List, optimizer=None) -> Actor:
+    """An :class:`Actor` from the sections of the full config it needs."""
+    return Actor(cfg.algorithm, cfg.run, cfg.alp, model_chunks, optimizer, vocab_size=cfg.model.vocab_size,
+                 temperature=cfg.rollout.temperature)
 
 
 def build_model(cfg: Config, alp: bool):
@@ -123,7 +136,7 @@ def setup(cfg: Config) -> Trainer:
     total = cfg.run.steps * cfg.run.mini_batches_per_step
     optimizer = Optimizer([ddp], cfg.optimizer, precision=cfg.precision.train, alp=cfg.alp, total_steps=total,
                           initial_loss_scale=cfg.precision.initial_loss_scale)
-    actor = Actor(cfg, [ddp], optimizer)
+    actor = make_actor(cfg, [ddp], optimizer)
     ref_actor = None
     if cfg.algorithm.kl_coef > 0:
         ref = build_model(cfg, alp=False)
@@ -131,8 +144,10 @@ def setup(cfg: Config) -> Trainer:
         for p in ref.parameters():
             p.requires_grad_(False)
         ref.eval()
-        ref_actor = Actor(cfg, [ref])
-    return Trainer(cfg, layout, run_dir, model, ddp, optimizer, actor, ref_actor)
+        ref_actor = make_actor(cfg, [ref])
+    from megatron.core import parallel_state as ps
+
+    return Trainer(layout, ps.get_data_parallel_rank(), run_dir, model, ddp, optimizer, actor, ref_actor)
 
 
 class Preempted(Exception):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from typing import Dict, List
 
 import torch
@@ -78,3 +80,51 @@ def sigma_metrics(model, ddp) -> Dict:
     for name, (s, _) in merged.items():
         out[f"alp/sigma/{name.replace('.perturbation.log_sigma', '')}"] = s
     return out
+
+
+def metrics_rank(layout) -> int:
+    """Global rank of the last pipeline stage's (TP 0, DP 0) rank, which holds the reduced metrics.
+
+    Megatron's default rank order (tp-cp-ep-dp-pp) puts the pipeline dimension outermost, so that
+    rank is the first one of the last stage's block of world / pp ranks.
+    """
+    return (layout.pp - 1) * (layout.world_size // layout.pp)
+
+
+class StepClock:
+    """Wall-clock phases of one RL step, for the ``perf/`` metrics."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
+
+    def perf_metrics(self, train_tokens: float) -> Dict[str, float]:
+        train_s = self.seconds.get("train", 0.0)
+        return {"perf/train_s": train_s, "perf/sync_s": self.seconds.get("sync", 0.0),
+                "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
+                "perf/step_seconds": time.perf_counter() - self.start}
+
+
+def step_metrics(trainer, per_update: List[Dict], step_level: Dict, driver_side: Dict, clock: StepClock,
+                 train_tokens: float, **loop: float) -> Dict:
+    """Collective: the metrics of one RL step, complete on rank 0 (the trainer's part elsewhere).
+
+    The last pipeline stage's merged update metrics and step-level token metrics
+    (:meth:`Actor.step_metrics`) and every stage's sigma, plus on rank 0 the
+    driver's side (``rollout/``, ``bus/``), the clock's ``perf/`` and the loop's own ``train/<key>``.
+    """
+    metrics = merge_step_metrics(per_update, step_level, src_rank=metrics_rank(trainer.layout))
+    metrics.update(sigma_metrics(trainer.model, trainer.ddp))
+    if dist.get_rank() == 0:
+        metrics.update(driver_side)
+        metrics.update(clock.perf_metrics(train_tokens))
+        metrics.update({f"train/{k}": v for k, v in loop.items()})
+    return metrics

@@ -177,16 +177,7 @@ class DiskBus:
                             checksum=self.checksum)
         parts = self._part_files(staged, parts)
         for part in parts:
-            with open(part) as f:
-                obj = json.load(f)
-            if obj.get("checksum") != manifest.checksum:
-                raise BusError(f"{os.path.basename(part)} was hashed with {obj.get('checksum')!r}, the manifest "
-                               f"is {manifest.checksum!r}: every rank must use the same bus.checksum")
-            for name, e in obj["tensors"].items():
-                if name in manifest.tensors:
-                    raise BusError(f"tensor {name!r} written by two parts ({manifest.tensors[name].file}, {e['file']})")
-                manifest.tensors[name] = TensorEntry(**e)
-            manifest.files.update(obj["files"])
+            _merge_part(manifest, part)
         for fname, meta in manifest.files.items():
             size = os.path.getsize(os.path.join(staged, fname))
             if size != meta["bytes"]:
@@ -197,10 +188,7 @@ class DiskBus:
         if config is not None:
             write_json_atomic(os.path.join(staged, "config.json"), config, self.fsync)
         if tokenizer_dir:
-            for fname in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, fname)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(staged, fname))
+            _copy_tokenizer(tokenizer_dir, staged)
         write_json_atomic(os.path.join(staged, MANIFEST), manifest.to_json(), self.fsync)
         for part in parts:
             os.remove(part)
@@ -343,3 +331,24 @@ def verify(version_dir: str, pool: Optional[Executor] = None) -> Manifest:
         if own:
             pool.shutdown()
     return manifest
+
+
+def _merge_part(manifest: Manifest, part: str) -> None:
+    """Add one writer's part manifest (``part-*.json``) to ``manifest``."""
+    with open(part) as f:
+        obj = json.load(f)
+    if obj.get("checksum") != manifest.checksum:
+        raise BusError(f"{os.path.basename(part)} was hashed with {obj.get('checksum')!r}, the manifest "
+                       f"is {manifest.checksum!r}: every rank must use the same bus.checksum")
+    for name, e in obj["tensors"].items():
+        if name in manifest.tensors:
+            raise BusError(f"tensor {name!r} written by two parts ({manifest.tensors[name].file}, {e['file']})")
+        manifest.tensors[name] = TensorEntry(**e)
+    manifest.files.update(obj["files"])
+
+
+def _copy_tokenizer(tokenizer_dir: str, staged: str) -> None:
+    for fname in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, fname)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(staged, fname))

@@ -65,10 +65,6 @@ def unflatten_bucket(flat: torch.Tensor, names: Sequence[str], dtypes: Sequence[
     return out
 
 
-def bucket_nbytes(dtypes: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
-    return sum(int(torch.Size(s).numel()) * to_dtype(d).itemsize for d, s in zip(dtypes, shapes))
-
-
 class UpdateGroup:
     """A joined weight-update group: the c10d backend and the TCP store it lives on."""
 

@@ -74,7 +74,7 @@ class DistributedSender:
                     details[c.url] = f"{type(err).__name__}: {err}"
             raise BusError(f"weight-update group {self.group_name} did not form ({type(e).__name__}: {e}); "
                            f"engines: {details or 'no answer'}") from e
-        for c, f in zip(self.clients, futures):
+        for f in futures:
             f.result(timeout=self.timeout_s)
         logger.info("bus: group %s formed with %d engine(s) (%s, world %d)", self.group_name, len(self.clients),
                     self.backend, self.world_size)

@@ -21,7 +21,7 @@ N, L, UPDATES = 12, 14, 3  # 12 sequences: 6 per DP rank, 3 mini-batch updates o
 
 
 def _batch():
-    from megatron_alp.trainer.actor import RLBatch
+    from megatron_alp.trainer.batch import RLBatch
 
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, V, (N, L), generator=g)
@@ -45,9 +45,9 @@ def _world(rank, world_size):
     import torch.distributed as dist
 
     from megatron_alp.model.alp import alp_block_spec
-    from megatron_alp.trainer.actor import Actor
     from megatron_alp.trainer.batching import dp_shard, mini_batches
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
+    from megatron_alp.trainer.setup import make_actor
     from megatron_alp.trainer.step_metrics import merge_step_metrics
 
     cfg = make_cfg(extra=["optimizer.lr=3e-2", "run.micro_batch_size=1", "alp.enabled=true", "alp.sigma_init=0.3",
@@ -55,7 +55,7 @@ def _world(rank, world_size):
                           "algorithm.recompute_old_logp=false"])
     model = build(cfg, block_spec=lambda c, cc: alp_block_spec(c.model, c.alp, cc))
     ddp = wrap_ddp(model)
-    actor = Actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
+    actor = make_actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
     local = dp_shard(_batch(), rank, world_size)
     model.eval()
     plain = _plain_logprobs(model, local.tokens)  # before any update: the unperturbed pi_old

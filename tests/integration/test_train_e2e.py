@@ -17,6 +17,7 @@ from megatron_alp.config.loader import CONFIG_ROOT
 
 REPO = os.path.dirname(str(CONFIG_ROOT))
 CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
+pytestmark = pytest.mark.slow  # torchrun trainer runs (make test still runs them)
 
 
 @pytest.fixture(scope="module")

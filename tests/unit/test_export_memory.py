@@ -55,7 +55,7 @@ def test_fp8_export_holds_at_most_twice_its_bf16_input():
 
 
 def test_tied_output_layer_is_not_gathered(monkeypatch):
-    from megatron_alp.sync import export
+    from megatron_alp.convert import hf_export as export
 
     emb, out = torch.randn(8, 4), torch.randn(8, 4)
     gathered = []
@@ -66,7 +66,7 @@ def test_tied_output_layer_is_not_gathered(monkeypatch):
     for tied in (True, False):
         gathered.clear()
         wm = types.SimpleNamespace(model=types.SimpleNamespace(tie_embeddings=tied),
-                                   megatron_to_hf=lambda n, full, p: [] if tied and n.startswith("output") else [(n, full)])
+                                   megatron_to_hf=lambda n, full, p, tied=tied: [] if tied and n.startswith("output") else [(n, full)])
         names = [n for n, _ in export.iter_hf_tensors([object()], wm, 8)]
         assert gathered == names == (["embedding.word_embeddings.weight"] if tied else
                                      ["embedding.word_embeddings.weight", "output_layer.weight"])

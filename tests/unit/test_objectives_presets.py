@@ -62,7 +62,17 @@ def test_preset_composes_with_overrides():
 
 
 def test_config_objective_list_matches_implementation():
-    assert tuple(algo_config.OBJECTIVES) == tuple(OBJECTIVES)
+    import dataclasses
+    import typing
+
+    from megatron_alp.algo.objectives import _FAMILY_LOSS
+    from megatron_alp.algo.registry import REGISTRY
+
+    allowed = typing.get_args(typing.get_type_hints(algo_config.AlgorithmConfig)["objective"])
+    assert allowed == tuple(OBJECTIVES) == tuple(REGISTRY)
+    assert {o.family for o in REGISTRY.values()} == set(_FAMILY_LOSS), "a family without a loss function"
+    for name, spec in REGISTRY.items():  # every hyper-parameter is a field of the config section
+        assert set(spec.hparam_names) <= {f.name for f in dataclasses.fields(algo_config.AlgorithmConfig)}, name
 
 
 @pytest.mark.parametrize(
