@@ -13,13 +13,46 @@ REPO = str(CONFIG_ROOT.parent)
 CELLS = [(m, p) for m in ("grpo", "dppo", "drpo") for p in ("bf16", "fp8_rollout", "fp8_e2e")]
 
 
+def _write_hf_config(hf, cfg_file) -> None:
+    """config.json of the cells' model (the trainer refuses a model section that differs from it)."""
+    import json
+
+    import torch
+
+    from megatron_alp.config import load_config
+    from megatron_alp.convert.hf_config import hf_config_for_export
+
+    (hf / "config.json").write_text(json.dumps(hf_config_for_export(load_config(cfg_file).model, torch.bfloat16)))
+
+
+def _write_data(path) -> None:
+    """Two labelled records (the dry run reads the data and refuses records without labels)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_alp.config import load_config
+
+    d = load_config(CONFIG_ROOT / "experiments" / "drpo_precision" / "base.yaml").rollout.data
+    rows = []
+    for i in range(2):
+        row: dict = {}
+        for key, value in ((d.prompt_key, f"What is {i}+1?"), (d.label_key, str(i + 1))):
+            *outer, last = key.split(".")
+            node = row
+            for part in outer:
+                node = node.setdefault(part, {})
+            node[last] = value
+        rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+
+
 @pytest.fixture
 def paths(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    _write_hf_config(hf, CONFIG_ROOT / "experiments" / "drpo_precision" / "base.yaml")
     (tmp_path / "mcore").mkdir()
-    (tmp_path / "data.parquet").write_text("")
+    _write_data(tmp_path / "data.parquet")
     shared = os.path.join(os.path.expanduser("~"), ".alp-plan-test")  # not a node-local prefix; not created
     return [f"model.hf_path={hf}", f"checkpoint.load={tmp_path / 'mcore'}",
             f"rollout.data.path={tmp_path / 'data.parquet'}", f"run.output_root={shared}/runs"]
