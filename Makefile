@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m megatron_alp.demo
 
-test: $(STAMP)
+# The lint first (seconds), then the suite; pytest prints the ten slowest tests (pyproject addopts).
+test: $(STAMP) lint
 	@start=$$(date +%s); \
 	$(PY) -m pytest tests; rc=$$?; \
 	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
@@ -36,15 +37,17 @@ test-unit: $(STAMP)
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed
 
-# A real one-node SLURM (installs slurm-wlm + munge with apt when missing; root), then sbatch jobs.
+# A real one-node SLURM (needs slurm-wlm + munge, as root: .ci/run installs them in CI; the tests
+# skip with the reason otherwise), then sbatch jobs.
 test-slurm: $(STAMP)
 	$(PY) -m pytest tests/slurm tests/unit/test_launch_plan.py tests/unit/test_launch_engines.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
+# Rules in pyproject.toml ([tool.ruff.lint]); the same hook for contributors: .pre-commit-config.yaml.
 lint: $(STAMP)
-	$(PY) -m ruff check --select F,E9 megatron_alp rollout tools bench tests
+	$(PY) -m ruff check megatron_alp rollout tools bench tests
 
 # The GPU kit (docs/gpu.md). `gpu-wheels` (here, with network) downloads the cp312 manylinux wheels a
 # lent GPU machine lacks (Python 3.12, torch 2.11; no network there); `gpu-check` (there) installs

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from bench import bus_phases
 from bench.rollout import _cpu_name
 from rollout.bus import DiskBus
 from rollout.bus.disk import hash_pool
@@ -149,13 +150,15 @@ def main(argv=None) -> None:
                 if name in ("xxh3_128", "sha256", "sha256_1t"):
                     algorithm = name.removesuffix("_1t")
                     with hash_pool(1 if name.endswith("_1t") else None) as pool:
-                        dt = _timed(lambda: [r() for r in [submit_digest(t, pool, algorithm) for _, t in named]])
+                        dt = _timed(lambda pool=pool, algorithm=algorithm: [r() for r in [submit_digest(t, pool, algorithm)
+                                                                              for _, t in named]])
                 elif name == "plain":
                     d = os.path.join(root, f"plain-{rep}")
-                    dt = _timed(lambda: _plain(named, bucket, d))
+                    dt = _timed(lambda d=d: _plain(named, bucket, d))
                     shutil.rmtree(d)
                 else:
-                    dt = _timed(lambda: buses[name].publish(version + 1, named, config=config, bucket_bytes=bucket))
+                    dt = _timed(lambda name=name, version=version: buses[name].publish(version + 1, named, config=config,
+                                                                                    bucket_bytes=bucket))
                 if rep:
                     res[name].append(dt)
             version += 1
@@ -174,6 +177,7 @@ def main(argv=None) -> None:
                        "plain": asyncio.run(_apply(url, plain_dir, str(version), args.reps))}
         finally:
             launched.stop()
+        phases = bus_phases.run(named, config, root, bucket, 2, args.reps)  # the trainer's staged path
     finally:
         shutil.rmtree(root, ignore_errors=True)
     gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
@@ -232,6 +236,7 @@ def main(argv=None) -> None:
         f"jobs held the second core and the hashing could not overlap the write.",
         "",
     ]
+    lines += bus_phases.table(phases, nbytes, 2)
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

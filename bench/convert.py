@@ -86,9 +86,9 @@ def _world(rank, world_size, src, work, tp, pp, reps):
             dist.barrier()
             times[name].append(time.perf_counter() - t0)
 
-        timed("copy", lambda: copy_safetensors(src, dirs["copy"]) if rank == 0 else None)
-        timed("hf->mcore", lambda: hf_to_mcore(src, dirs["mcore"], tp, pp, progress=False))
-        timed("mcore->hf", lambda: mcore_to_hf(dirs["mcore"], dirs["hf"], tp, pp, progress=False))
+        timed("copy", lambda dirs=dirs: copy_safetensors(src, dirs["copy"]) if rank == 0 else None)
+        timed("hf->mcore", lambda dirs=dirs: hf_to_mcore(src, dirs["mcore"], tp, pp, progress=False))
+        timed("mcore->hf", lambda dirs=dirs: mcore_to_hf(dirs["mcore"], dirs["hf"], tp, pp, progress=False))
         dist.barrier()
         if rank == 0:
             for d in dirs.values():

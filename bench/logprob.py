@@ -179,7 +179,7 @@ def _worker(rank, world_size, tokens, vocab, dtype_name, reps, methods):
             if rep == 0:
                 saved = {}  # storage -> bytes: a tensor saved twice (or views of one) counts once
 
-                def pack(t, z=z):
+                def pack(t, z=z, saved=saved):
                     st = t.untyped_storage()
                     if st.data_ptr() != z.untyped_storage().data_ptr():
                         saved[st.data_ptr()] = st.nbytes()

@@ -21,7 +21,7 @@ import torch
 
 
 def _batch(n: int, median: int, seed: int = 0):
-    from megatron_alp.trainer.actor import RLBatch
+    from megatron_alp.trainer.batch import RLBatch
 
     g = torch.Generator().manual_seed(seed)
     lengths = (torch.exp(torch.randn(n, generator=g) * 0.8) * median).round().clamp(8, 8 * median).long()

@@ -55,7 +55,7 @@ def run_groups(sched: Scheduler, prompts, args, tag: str) -> tuple:
                         temperature=1.0, generator=torch.Generator().manual_seed(i))
                 for i in range(args.group_size)]
         for r in reqs:
-            sched.submit(r, lambda _r: done.release())
+            sched.submit(r, lambda _r, done=done: done.release())
         for _ in reqs:
             done.acquire()
         cached += sum(r.cached_tokens for r in reqs)

@@ -14,105 +14,91 @@ import argparse
 import logging
 import os
 import sys
-import time
-from typing import Dict, List
+from typing import Dict
 
 import torch.distributed as dist
 
+from .runtime.distributed import handover_group
 from .sync.weight_sync import WeightSync
-from .trainer.batching import dp_balanced_shard, dp_shard, mini_batches, split_rows
-from .trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .trainer.batching import dp_balanced_shard, mini_batches, split_rows
+from .trainer.checkpoint import Checkpointer, CheckpointError
 from .trainer.evaluation import Evaluator
+from .trainer.guard import NonFiniteGuard
 from .trainer.monitor import make_monitor, tensorboard_hint
 from .trainer.preempt import Abort, RolloutFailure, TrainingStopped, rollout_or_abort
 from .trainer.setup import StopFlag, load_and_check, setup
-from .trainer.step_metrics import merge_step_metrics, sigma_metrics
+from .trainer.step_metrics import StepClock, step_metrics
 
 logger = logging.getLogger("megatron_alp.train")
 
 
 def train(cfg) -> Dict[str, float]:
-    t = setup(cfg)
-    ps = t.actor.ps
+    trainer = setup(cfg)
     rank = dist.get_rank()
-    ckpt_root = cfg.checkpoint.dir or f"{t.run_dir}/checkpoints"
-    start, version, data_state, nonfinite = 0, 0, None, 0
-    resume = latest_checkpoint(ckpt_root)
-    if resume:
-        meta = load_checkpoint(resume, [t.ddp], t.optimizer, t.layout)
-        start, version, data_state = meta["step"], meta["bus_version"], meta.get("data")
-    monitor = make_monitor(cfg, t.run_dir, rank)
-    driver = evaluator = None
-    sync = WeightSync(cfg, t, rank)
+    checkpoints = Checkpointer(cfg.checkpoint, cfg.run.steps, trainer.run_dir, [trainer.ddp], trainer.optimizer,
+                               trainer.layout)
+    resumed = checkpoints.resume() or {}
+    start, version = resumed.get("step", 0), resumed.get("bus_version", 0)
+    monitor = make_monitor(cfg, trainer.run_dir, rank)
+    sync = WeightSync(cfg.bus, cfg.rollout, cfg.model, [trainer.ddp], rank)
+    guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
     stop = StopFlag()
+    handover = handover_group(cfg.run.rollout_timeout_minutes)  # the batch's own long timeout
+    driver = evaluator = None
     last: Dict[str, float] = {}
-    try:
-        engine_path = sync.initial(version, resumed=bool(resume))  # the engines start on these weights
-        if rank == 0:
-            from .trainer.driver import RolloutDriver
 
-            driver = RolloutDriver(cfg, t.run_dir, cfg.model.hf_path, engine_path, sync.engine_start_version)
-            if data_state:
-                driver.stream.load_state_dict(data_state)
-            with open(f"{t.run_dir}/config.yaml") as f:  # written redacted by setup()
-                monitor.text("config", f"```\n{f.read()}\n```")
-            evaluator = Evaluator(cfg.eval, cfg.rollout, driver, monitor, t.run_dir)
+    def loop_state(next_step: int):  # what a resume needs beyond the model and the optimizer
+        return {"bus_version": version, "driver": driver.state_dict(next_step) if rank == 0 else None}
+
+    try:
+        engine_path = sync.initial(version, resumed=bool(resumed))  # the engines start on these weights
+        if rank == 0:
+            driver = _start_driver(cfg, trainer.run_dir, engine_path, sync.engine_start_version,
+                                   resumed.get("driver"), monitor)
+            evaluator = Evaluator(cfg.eval, cfg.rollout, driver, monitor, trainer.run_dir)
         sync.attach(driver)
         if rank == 0 and start == 0:
             evaluator.maybe_run(0, cfg.run.steps)  # the starting weights (eval.at_start)
         for step in range(start, cfg.run.steps):
-            t0 = time.perf_counter()
+            clock = StepClock()
             # 1. rollout on the driver, the batch to every rank (or why not: checkpoint, then stop).
             stopping = stop.any_rank()
-            payload = [rollout_or_abort(driver, stop, stopping, step, version) if rank == 0 else None]
-            dist.broadcast_object_list(payload, src=0)
-            if isinstance(payload[0], Abort):
-                raise payload[0].error(step, _save(cfg, t, ckpt_root, step, version, driver, rank))
-            batch, rollout_metrics = payload[0]
-            local, sizes = _shard(cfg, batch, ps)
-            t_train = time.perf_counter()
-            # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch), reference.
-            if cfg.algorithm.recompute_old_logp:
-                local.old_logp = t.actor.compute_logprobs(local)
-            if t.ref_actor is not None:
-                local.ref_logp = t.ref_actor.compute_logprobs(local)
-            # 3. mini-batch updates: staleness grows with each one.
-            per_update: List[Dict] = []
-            for k, mb in enumerate(split_rows(local, sizes) if sizes else
-                                   mini_batches(local, cfg.run.mini_batches_per_step)):
-                per_update.append(t.actor.train_step(mb, step=step * cfg.run.mini_batches_per_step + k))
-            skipped = any(m.get("train/skipped_step", 0) > 0 for m in per_update)
-            nonfinite = nonfinite + 1 if skipped else 0
-            train_s = time.perf_counter() - t_train
+            payload = _from_rank0(rollout_or_abort(driver, stop, stopping, step, version) if rank == 0 else None,
+                                  group=handover)  # the rollout's own long timeout
+            if isinstance(payload, Abort):
+                raise payload.error(step, checkpoints.maybe_save(step, loop_state(step), force=True))
+            batch, rollout_metrics = payload
+            local, sizes = _shard(cfg, trainer, batch)
+            with clock.phase("train"):
+                # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch), reference.
+                _no_grad_forwards(cfg, trainer, local)
+                # 3. mini-batch updates: staleness grows with each one; token metrics over all of them.
+                n_mini, record = cfg.run.mini_batches_per_step, []
+                minis = split_rows(local, sizes) if sizes else mini_batches(local, n_mini)
+                per_update = [trainer.actor.train_step(mb, step=step * n_mini + k, record=record)
+                              for k, mb in enumerate(minis)]
+                step_level = trainer.actor.step_metrics(record)
+                del record
+            guard.update(per_update)
             # 4. publish the new weights (version = number of completed steps) and commit them.
-            t_sync = time.perf_counter()
             version = step + 1
-            sync_metrics = sync.publish_and_commit(version)
-            # 5. metrics: the last pipeline stage's reduced metrics and every stage's sigma to rank 0.
-            metrics = merge_step_metrics(per_update, src_rank=_metrics_rank(ps))
-            metrics.update(sigma_metrics(t.model, t.ddp))
+            with clock.phase("sync"):
+                sync_metrics = sync.publish_and_commit(version)
+            # 5. metrics: the trainer's (every stage's) and, on rank 0, the driver's and the loop's.
+            metrics = step_metrics(trainer, per_update, step_level, {**rollout_metrics, **sync_metrics}, clock,
+                                   float(batch.loss_mask.sum()), bus_version=version,
+                                   consecutive_nonfinite=guard.consecutive)
             if rank == 0:
-                metrics.update(rollout_metrics)
-                metrics.update(sync_metrics)
-                n_tok = float(batch.loss_mask.sum())
-                metrics.update({"perf/train_s": train_s, "perf/sync_s": time.perf_counter() - t_sync,
-                                "perf/train_tokens_per_s": n_tok / max(train_s, 1e-9),
-                                "perf/step_seconds": time.perf_counter() - t0, "train/bus_version": version,
-                                "train/consecutive_nonfinite": nonfinite})
                 monitor.log(metrics, step)
                 last = metrics
             # 6. checkpoint: every N steps, at the end, on SIGTERM, and before giving up on NaNs.
-            give_up = nonfinite >= cfg.run.max_nonfinite_steps
             stopping = stop.any_rank()
-            if (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0) or \
-                    step + 1 == cfg.run.steps or stopping or give_up:
-                _save(cfg, t, ckpt_root, step + 1, version, driver, rank)
-            if give_up:
-                raise RuntimeError(f"{nonfinite} consecutive non-finite losses (run.max_nonfinite_steps = "
-                                   f"{cfg.run.max_nonfinite_steps}); checkpoint saved in {ckpt_root}")
+            checkpoints.maybe_save(step + 1, loop_state(step + 1), force=stopping or guard.exhausted)
+            if guard.exhausted:
+                raise guard.error(checkpoints.root)
             if stopping:
                 raise TrainingStopped(stop.signum or 15, f"stopped by signal {stop.signum} after step {step + 1}; "
-                                      f"checkpoint in {ckpt_root}; resume with the same command")
+                                      f"checkpoint in {checkpoints.root}; resume with the same command")
             if rank == 0:  # benchmarks on the committed version (eval.interval, eval.final), after the checkpoint
                 evaluator.maybe_run(version, cfg.run.steps)
     finally:
@@ -121,39 +107,46 @@ def train(cfg) -> Dict[str, float]:
             driver.close()
         monitor.close()
     if rank == 0 and cfg.logging.tensorboard:
-        logger.info("TensorBoard logs: %s  (open with: %s)", f"{t.run_dir}/tensorboard", tensorboard_hint(t.run_dir))
+        logger.info("TensorBoard logs: %s  (open with: %s)", f"{trainer.run_dir}/tensorboard",
+                    tensorboard_hint(trainer.run_dir))
     return last
 
 
-def _shard(cfg, batch, ps):
+def _shard(cfg, trainer, batch):
     """This DP rank's rows: contiguous (padding), or balanced by tokens (packing; then also the
     row count of each mini-batch)."""
-    rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     if cfg.run.max_tokens_per_micro_batch > 0:
-        return dp_balanced_shard(batch, rank, size, cfg.run.mini_batches_per_step)
-    return dp_shard(batch, rank, size), None
+        return dp_balanced_shard(batch, trainer.dp_rank, trainer.layout.dp, cfg.run.mini_batches_per_step)
+    return trainer.shard(batch), None
 
 
-def _save(cfg, t, ckpt_root: str, steps_done: int, version: int, driver, rank: int) -> str:
-    """Collective checkpoint of ``steps_done`` completed steps (the data position from rank 0:
-    before the next step's prompts, which asynchronous rollout has drawn ahead)."""
-    meta = _from_rank0({"bus_version": version, "data": driver.data_state(steps_done) if rank == 0 else None})
-    return save_checkpoint(ckpt_root, steps_done, [t.ddp], t.optimizer, meta, t.layout, cfg.checkpoint.keep)
+def _start_driver(cfg, run_dir: str, engine_path: str, engine_version, state, monitor):
+    """Rank 0: the rollout driver on engines started from ``engine_path``, resumed from ``state``."""
+    from .trainer.driver import RolloutDriver
+
+    driver = RolloutDriver(cfg, run_dir, cfg.model.hf_path, engine_path, engine_version)
+    if state:
+        driver.load_state_dict(state)
+    with open(f"{run_dir}/config.yaml") as f:  # written redacted by setup()
+        monitor.text("config", f"```\n{f.read()}\n```")
+    return driver
 
 
-def _metrics_rank(ps) -> int:
-    """Global rank of the last pipeline stage's (TP 0, DP 0) rank, which holds the reduced metrics.
+def _no_grad_forwards(cfg, trainer, local) -> None:
+    """pi_old (decoupled objectives), the reference (KL) and, for mismatch/*, the unperturbed
+    pi_theta_old at the step's start (never ALP's noise; the same forward as pi_old when recomputed)."""
+    if cfg.algorithm.recompute_old_logp:
+        local.old_logp = trainer.actor.compute_logprobs(local)
+    if trainer.ref_actor is not None:
+        local.ref_logp = trainer.ref_actor.compute_logprobs(local)
+    if cfg.logging.mismatch_metrics:
+        recomputed = cfg.algorithm.recompute_old_logp
+        local.base_logp = local.old_logp if recomputed else trainer.actor.compute_logprobs(local)
 
-    Megatron's default rank order (tp-cp-ep-dp-pp) puts the pipeline dimension outermost, so that
-    rank is the first one of the last stage's block of world / pp ranks.
-    """
-    pp = ps.get_pipeline_model_parallel_world_size()
-    return (pp - 1) * (dist.get_world_size() // pp)
 
-
-def _from_rank0(obj):
+def _from_rank0(obj, group=None):
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -179,7 +172,7 @@ def main(argv=None) -> int:
         cfg = load_and_check(args.config, args.overrides)
     except ValueError as e:  # ConfigError included: one line, once (rank 0), no traceback
         if os.environ.get("RANK", "0") == "0":
-            print(f"config error: {e}", file=sys.stderr)
+            print(f"config error: {e}", file=sys.stderr)  # noqa: T201 - the CLI's one line, before any logging
         return 2
     code = 0
     try:

@@ -105,9 +105,16 @@ class DataConfig:
     path: Optional[str] = None
     """JSONL or Parquet file of prompts (None = the caller provides prompts, e.g. a synthetic task)."""
     prompt_key: str = "prompt"
-    """Column with the prompt: a string, or a list of chat messages {role, content}."""
+    """Column with the prompt: a string, or a list of chat messages {role, content} (dotted paths
+    reach into nested records)."""
     label_key: str = "answer"
-    """Column with the ground truth handed to the reward function."""
+    """Column with the ground truth handed to the reward function; a dotted path reaches into nested
+    records (`reward_model.ground_truth`, the verl layout). A record without it fails the load."""
+    require_label: bool = True
+    """Fail the load when a record has no label (False: such samples score 0, for label-free rewards)."""
+    instruction: Optional[str] = None
+    """Text prepended to the first user message (the reference's `data.prompt`): literal text, or a
+    name from rollout/prompts.py (`simpletir`: the ALP multi-turn tool instruction)."""
     apply_chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template when it has one."""
     system_prompt: Optional[str] = None
@@ -167,13 +174,14 @@ class MultiTurnConfig:
     enabled: bool = False
     """Run multi-turn generation with the Python tool instead of single-turn."""
     max_turns: int = 5
-    """Model turns per sample (a tool call closes a turn; the last turn cannot call the tool)."""
+    """Model turns per sample (a closed code block ends a turn; the last turn's block is not run)."""
     max_response_len: int = 1024
-    """Budget of all response tokens of a sample (model and observation tokens together)."""
-    stop: List[str] = field(default_factory=lambda: ["```output"])
-    """Stop strings that end a turn to run its code (the model announces the output block)."""
+    """Budget of all response tokens of a sample (model and observation tokens together); each turn
+    also stops at `rollout.max_new_tokens`."""
     observation_max_tokens: int = 256
     """Token budget of one tool observation; longer output is cut with a marker."""
+    final_answer_func: bool = True
+    """Define `final_answer(x)` (prints `\\boxed{x}`) before each code block, as the reference does."""
 
     def validate(self) -> None:
         _positive("rollout.multi_turn", self, "max_turns", "max_response_len", "observation_max_tokens")
@@ -234,6 +242,11 @@ class RolloutConfig:
     reward: str = "math"
     """Reward function: `math` (math-verify on the boxed answer), `synthetic`, or a dotted path
     `package.module:function` (signature in docs/rollout.md)."""
+    reward_workers: int = 4
+    """Processes that score rewards (off the event loop, killable); 0 = score inline. The built-in
+    `synthetic` reward and async reward functions always run inline."""
+    reward_timeout_s: float = 120.0
+    """Hard limit of one reward call in a worker (the reference's 120 s); past it the sample scores 0."""
     reward_on_error: Literal["fail_sample", "stop"] = "fail_sample"
     """A reward function that raises or returns NaN/inf: `fail_sample` scores that sample
     `reward_failed_value` (counted in `rollout/reward_failures`); `stop` ends the run with a
@@ -252,6 +265,15 @@ class RolloutConfig:
     """Multi-turn tool-integrated reasoning."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """Python tool sandbox limits."""
+
+    def _validate_scheduling(self) -> None:
+        """Reward workers and asynchronous rollout."""
+        if self.reward_workers < 0:
+            raise ValueError(f"rollout.reward_workers must be >= 0, got {self.reward_workers}")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.span_policy not in ("reissue", "keep"):
+            raise ValueError(f"rollout.span_policy must be reissue or keep, got {self.span_policy!r}")
 
     def validate(self) -> None:
         if self.n_samples < 1:
@@ -272,11 +294,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.host = {self.host} exposes the engines: set rollout.api_key")
         if not 0 <= self.base_port < 65536:
             raise ValueError(f"rollout.base_port must be in [0, 65535], got {self.base_port}")
-        _positive("rollout", self, "startup_timeout_s", "max_concurrent_requests")
-        if self.max_staleness < 0:
-            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
-        if self.span_policy not in ("reissue", "keep"):
-            raise ValueError(f"rollout.span_policy must be reissue or keep, got {self.span_policy!r}")
+        _positive("rollout", self, "startup_timeout_s", "max_concurrent_requests", "reward_timeout_s")
+        self._validate_scheduling()
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: '{url}' is not an http(s) URL")

@@ -1,8 +1,12 @@
 """Prompt datasets: JSONL / Parquet records -> tokenized prompts, and a resumable batch stream.
 
 A record holds the prompt under ``data.prompt_key`` (a string, or a list of chat messages
-``{"role", "content"}``) and the ground truth under ``data.label_key``; other fields are kept as
-metadata for the reward function. With ``apply_chat_template`` and a tokenizer that has a chat
+``{"role", "content"}``) and the ground truth under ``data.label_key``; both may be dotted paths
+into nested fields (verl's layout keeps the answer at ``reward_model.ground_truth``). A record
+without its label fails the load (``data.require_label``): a missing label would otherwise score
+every sample 0 and train on nothing. Other fields are kept as metadata for the reward function.
+``data.instruction`` (literal or a name from :mod:`rollout.prompts`) is prepended to the first user
+message, as the reference's ``data.prompt``. With ``apply_chat_template`` and a tokenizer that has a chat
 template, the prompt is rendered with it (``add_generation_prompt=True``). Prompts longer than
 ``max_prompt_len`` tokens are dropped or left-truncated (their end, where the question and the
 generation prompt are, is kept); the count is logged and returned.
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from .config import DataConfig
+from .prompts import resolve_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +57,43 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     return records
 
 
+_MISSING = object()
+
+
+def get_field(record: Dict[str, Any], key: str, default: Any = _MISSING) -> Any:
+    """``record[key]``, where a dotted ``key`` (``reward_model.ground_truth``) walks nested dicts.
+
+    A top-level field whose name contains the dot wins. Raises ``KeyError`` without ``default``.
+    """
+    if key in record:
+        return record[key]
+    node: Any = record
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        node = node[part]
+    return node
+
+
+def with_instruction(prompt: Any, instruction: str) -> Any:
+    """``prompt`` with ``instruction`` prepended to its first user message (or to the string)."""
+    if not instruction:
+        return prompt
+    if not isinstance(prompt, list):
+        return instruction + str(prompt)
+    out = [dict(m) for m in prompt]
+    for m in out:
+        if m.get("role") == "user":
+            m["content"] = instruction + str(m.get("content", ""))
+            return out
+    return out + [{"role": "user", "content": instruction}]
+
+
 def render_prompt(prompt: Any, tokenizer, cfg: DataConfig) -> Tuple[str, List[int]]:
     """(text, token ids) of one prompt, through the chat template when configured and available."""
+    prompt = with_instruction(prompt, resolve_instruction(cfg.instruction))
     templated = cfg.apply_chat_template and getattr(tokenizer, "chat_template", None)
     if templated:
         messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
@@ -74,9 +114,14 @@ def build_prompts(records: Iterable[Dict[str, Any]], tokenizer, cfg: DataConfig)
     counts = {"total": 0, "dropped": 0, "truncated": 0}
     for i, rec in enumerate(records):
         counts["total"] += 1
-        if cfg.prompt_key not in rec:
+        prompt = get_field(rec, cfg.prompt_key, None)
+        if prompt is None:
             raise KeyError(f"record {i} has no '{cfg.prompt_key}' field (rollout.data.prompt_key); keys: {sorted(rec)}")
-        text, ids = render_prompt(rec[cfg.prompt_key], tokenizer, cfg)
+        label = get_field(rec, cfg.label_key, None)
+        if label is None and cfg.require_label:
+            raise KeyError(f"record {i} has no '{cfg.label_key}' field (rollout.data.label_key; verl files keep "
+                           f"it at reward_model.ground_truth, tools/convert_data.py converts); keys: {sorted(rec)}")
+        text, ids = render_prompt(prompt, tokenizer, cfg)
         if len(ids) > cfg.max_prompt_len:
             if cfg.overlong == "drop":
                 counts["dropped"] += 1
@@ -85,7 +130,7 @@ def build_prompts(records: Iterable[Dict[str, Any]], tokenizer, cfg: DataConfig)
             text = tokenizer.decode(ids, skip_special_tokens=False)
             counts["truncated"] += 1
         meta = {k: v for k, v in rec.items() if k not in (cfg.prompt_key, cfg.label_key)}
-        prompts.append(Prompt(ids, text, rec.get(cfg.label_key), meta, i))
+        prompts.append(Prompt(ids, text, label, meta, i))
     if counts["dropped"] or counts["truncated"]:
         logger.warning("prompts over rollout.data.max_prompt_len = %d tokens: %d dropped, %d truncated (of %d)",
                        cfg.max_prompt_len, counts["dropped"], counts["truncated"], counts["total"])

@@ -2,7 +2,12 @@
 
 - Balancing: least outstanding requests (ties broken round-robin), or everything through an
   `sglang_router` when one is configured (the router does not forward weight-update endpoints, so
-  control calls always go to each server directly).
+  control calls always go to each server directly; its cache-aware policy keeps a growing
+  multi-turn prefix on one server).
+- Sticky routing: requests made through one :meth:`Fleet.sticky` handle (all turns of one
+  multi-turn sample) go to the engine that served the handle's previous request while it is live,
+  so each turn finds its prefix in that engine's radix cache (the idea of SGLang router's
+  cache-aware policy, done by key instead of by prefix match).
 - Failover: a request whose engine becomes unreachable (after the client's retries) or answers
   with a server error (5xx) triggers a health probe; a dead engine is dropped from rotation and the request is re-issued to another
   one. With no live engine left, :class:`FleetExhausted` names every engine and its last error.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,6 +35,8 @@ from .engines.protocol import EngineError, EngineHTTPError, EngineUnavailable, G
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3
+MAX_STICKY_KEYS = 65536
+"""Sticky keys remembered at once (least recently used forgotten first)."""
 
 
 class FleetExhausted(RuntimeError):
@@ -76,6 +84,7 @@ class Fleet:
         self._running.set()
         self.committed_version: Optional[str] = None
         """The weight version every live engine runs (set by a successful update/commit)."""
+        self._sticky: "OrderedDict[str, _Engine]" = OrderedDict()
 
     @classmethod
     def from_urls(cls, urls: Sequence[str], *, api_key: Optional[str] = None,
@@ -146,7 +155,16 @@ class Fleet:
         await self.close()
 
     # -- generation ------------------------------------------------------------------------
-    def _pick(self, avoid: Optional[_Engine]) -> _Engine:
+    def sticky(self, key: str) -> "StickyEngine":
+        """A handle whose requests stay on one engine (see the module docstring)."""
+        return StickyEngine(self, key)
+
+    def _pick(self, avoid: Optional[_Engine], key: Optional[str] = None) -> _Engine:
+        if key is not None:
+            eng = self._sticky.get(key)
+            if eng is not None and eng.alive and eng is not avoid:
+                self._sticky.move_to_end(key)
+                return eng
         live = [e for e in self._engines if e.alive]
         if not live:
             detail = "; ".join(f"{e.client.url} ({e.last_error or 'dead'})" for e in self._engines)
@@ -171,8 +189,9 @@ class Fleet:
                              eng.client.url, len(self.live_urls), eng.consecutive_failures, err)
 
     async def generate(self, input_ids: Sequence[int], params: Dict[str, Any], *,
-                       rid: Optional[str] = None, return_logprob: bool = True) -> GenerateOutput:
-        """Generate on the least-loaded live engine; fail over and re-issue as needed."""
+                       rid: Optional[str] = None, return_logprob: bool = True,
+                       sticky_key: Optional[str] = None) -> GenerateOutput:
+        """Generate on the least-loaded live engine (or ``sticky_key``'s); fail over and re-issue as needed."""
         async with self._sem:
             aborts, failures, avoid = 0, 0, None
             while True:
@@ -180,7 +199,9 @@ class Fleet:
                 if self._router is not None:
                     out = await self._router.generate(input_ids, params, rid=rid, return_logprob=return_logprob)
                 else:
-                    eng = self._pick(avoid)
+                    eng = self._pick(avoid, sticky_key)
+                    if sticky_key is not None:
+                        self._remember(sticky_key, eng)
                     issued_at = self.committed_version  # a commit may land while it runs (async rollout)
                     eng.outstanding += 1
                     try:
@@ -212,6 +233,16 @@ class Fleet:
                     await asyncio.sleep(0)
                     continue
                 return out
+
+    def _remember(self, key: str, eng: _Engine) -> None:
+        self._sticky[key] = eng
+        self._sticky.move_to_end(key)
+        while len(self._sticky) > MAX_STICKY_KEYS:
+            self._sticky.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        """Drop ``key``'s engine binding (its sample is complete)."""
+        self._sticky.pop(key, None)
 
     # -- health ----------------------------------------------------------------------------
     async def check_health(self) -> Dict[str, bool]:
@@ -344,3 +375,16 @@ class Fleet:
     async def weight_versions(self) -> Dict[str, Optional[str]]:
         res = await self._each("weight_version")
         return {u: (None if isinstance(v, BaseException) else v) for u, v in res.items()}
+
+
+class StickyEngine:
+    """``generate`` of one :class:`Fleet` bound to one key: every request goes where the last went."""
+
+    def __init__(self, fleet: Fleet, key: str):
+        self.fleet, self.key = fleet, key
+
+    async def generate(self, input_ids: Sequence[int], params: Dict[str, Any], **kw) -> GenerateOutput:
+        return await self.fleet.generate(input_ids, params, sticky_key=self.key, **kw)
+
+    def release(self) -> None:
+        self.fleet.forget(self.key)

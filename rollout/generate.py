@@ -21,7 +21,8 @@ from .aio import run_sync
 from .config import RolloutConfig
 from .data import Prompt
 from .engines.protocol import sampling_params
-from .rewards import RewardFn, load_reward_fn
+from .rewards import INLINE, RewardFn, load_reward_fn
+from .rewards.pool import RewardPool
 from .sample import Sample
 from .sandbox import Sandbox
 from .tir import run_tool_loop
@@ -54,6 +55,10 @@ class RolloutGenerator:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.reward_fn = reward_fn if reward_fn is not None else load_reward_fn(cfg.reward)
+        self.reward_pool: Optional[RewardPool] = None
+        if reward_fn is None and cfg.reward_workers > 0 and cfg.reward not in INLINE and \
+                not inspect.iscoroutinefunction(self.reward_fn):
+            self.reward_pool = RewardPool(cfg.reward, cfg.reward_workers, cfg.reward_timeout_s)
         self.sandbox = sandbox
         if cfg.multi_turn.enabled and self.sandbox is None:
             self.sandbox = Sandbox(cfg.sandbox)
@@ -78,7 +83,13 @@ class RolloutGenerator:
                 turn[0] += 1
                 return self.params(max_new, stop, None if sseed is None else sseed + turn[0])
 
-            await run_tool_loop(self.engine, self.tokenizer, s.prompt_ids, self.cfg, self.sandbox, params, s)
+            sticky = getattr(self.engine, "sticky", None)  # a Fleet: every turn on one engine (prefix cache)
+            engine = sticky(f"{id(s)}:{group_id}:{index}") if sticky is not None else self.engine
+            try:
+                await run_tool_loop(engine, self.tokenizer, s.prompt_ids, self.cfg, self.sandbox, params, s)
+            finally:
+                if engine is not self.engine:
+                    engine.release()
         else:
             out = await self.engine.generate(s.prompt_ids, self.params(self.cfg.max_new_tokens, self.cfg.stop, sseed))
             s.append(out.output_ids, out.logprobs, trainable=True)
@@ -93,10 +104,16 @@ class RolloutGenerator:
         meta.update(finish_reason=s.finish_reason, num_turns=s.num_turns,
                     tool_statuses=s.metadata.get("tool_statuses", []))
         try:
-            value = self.reward_fn(prompt.text, s.response_text, prompt.label, meta)
-            if inspect.isawaitable(value):
-                value = await value
-            value = float(value)
+            if self.reward_pool is not None:
+                value, s.metadata["reward_status"] = await self.reward_pool.score(prompt.text, s.response_text,
+                                                                                  prompt.label, meta)
+                if s.metadata["reward_status"] == "error":
+                    raise RuntimeError(f"in its worker process: {value}")
+            else:
+                value = self.reward_fn(prompt.text, s.response_text, prompt.label, meta)
+                if inspect.isawaitable(value):
+                    value = await value
+            value = float(value)  # a reward past rollout.reward_timeout_s is 0.0 (status 'timeout')
             if not math.isfinite(value):
                 raise ValueError(f"returned {value}")
             return value
@@ -129,6 +146,11 @@ class RolloutGenerator:
         if aborted:
             logger.warning("%d of %d samples finished with 'abort'", aborted, len(samples))
         return samples
+
+    def close(self) -> None:
+        """Stop the reward worker processes."""
+        if self.reward_pool is not None:
+            self.reward_pool.close()
 
     def generate_sync(self, prompts: Sequence[Prompt], seed: Optional[int] = None) -> List[Sample]:
         """Blocking wrapper of :meth:`generate` on the shared background loop (rollout.aio)."""

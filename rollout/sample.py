@@ -41,7 +41,8 @@ class Sample:
     num_turns: int = 1
     """Model turns (multi-turn: tool calls + 1)."""
     weight_versions: List[Optional[str]] = field(default_factory=list)
-    """Weight version of each model turn (they can differ if weights changed between turns)."""
+    """Weight version of each generate request of the sample, in order (a multi-turn turn takes two
+    when it continues after an opening code fence; versions can differ if weights changed between)."""
     metadata: Dict[str, Any] = field(default_factory=dict)
     """Free-form extras (tool statuses, dataset fields)."""
 

@@ -16,6 +16,8 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --signal=B:TERM@900
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 ##SBATCH --partition=YOUR_PARTITION
 ##SBATCH --account=YOUR_ACCOUNT

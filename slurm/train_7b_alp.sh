@@ -5,7 +5,7 @@
 #   sbatch slurm/train_7b_alp.sh [section.key=value ...]     # from the repository root
 #   bash slurm/train_7b_alp.sh --dry-run [section.key=value ...]   # validate anywhere, no GPUs
 #
-# Node split (4 nodes x 8 GPUs): nodes 0-1 train (16 GPUs: TP 4 x DP 4, ~36 GB per GPU estimated),
+# Node split (4 nodes x 8 GPUs): nodes 0-1 train (16 GPUs: TP 4 x DP 4, ~33 GB per GPU estimated),
 # nodes 2-3 run 8 SGLang engines each (TP 1), 16 engines. The run folder, checkpoints and the disk
 # bus (runs/train_7b_alp/) must be on a filesystem every node sees. Adapting the #SBATCH lines to a
 # cluster (partition, account, containers): docs/slurm.md.
@@ -16,6 +16,8 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --signal=B:TERM@900
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 ##SBATCH --partition=YOUR_PARTITION
 ##SBATCH --account=YOUR_ACCOUNT

@@ -13,6 +13,8 @@
 #SBATCH --cpus-per-task=2
 #SBATCH --time=00:20:00
 #SBATCH --signal=B:TERM@60
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 
 # shellcheck source-path=SCRIPTDIR disable=SC2034  # the variables below are read by lib/common.sh

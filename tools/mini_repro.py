@@ -44,7 +44,7 @@ def asset_paths(out: str, task: str, digits: int) -> dict:
             "task_data": os.path.join(assets, f"{task}{digits}_train.jsonl")}
 
 
-def prepare(out: str, task: str, digits: int, warm_steps: int) -> dict:
+def prepare(out: str, task: str, digits: int, warm_steps: int, hidden: int = 64) -> dict:
     """The tiny model, its Megatron checkpoint and the task's prompts, made once per ``out``."""
     from megatron_alp.demo.assets import prepare_tiny_assets
     from rollout.rewards.synthetic import synthetic_records
@@ -52,13 +52,22 @@ def prepare(out: str, task: str, digits: int, warm_steps: int) -> dict:
     paths = asset_paths(out, task, digits)
     stamp = os.path.join(out, "assets", "assets.json")
     if not os.path.exists(stamp):
-        prepare_tiny_assets(os.path.join(out, "assets"), warm_steps=warm_steps, tp=1, log=print)
+        prepare_tiny_assets(os.path.join(out, "assets"), warm_steps=warm_steps, tp=1, log=print,
+                            hidden_size=hidden, intermediate_size=2 * hidden, digits=digits)
         with open(stamp, "w") as f:
             json.dump(paths, f)
     if not os.path.exists(paths["task_data"]):
         with open(paths["task_data"], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in synthetic_records(2048, task, digits, seed=0))
     return paths
+
+
+def size_overrides(hidden: int, digits: int) -> list:
+    """The model section of the assets' model and the response cap of the task (the answer plus
+    EOS plus slack); the DRPO group's horizon is that cap, as 8192 is the recipe's."""
+    cap = digits + 3
+    return [f"model.hidden_size={hidden}", f"model.ffn_hidden_size={2 * hidden}", f"rollout.max_new_tokens={cap}",
+            f"rollout.data.max_prompt_len={digits + 8}", f"algorithm.horizon={cap}"]
 
 
 def run_command(python: str, cfg: str, name: str, seed: int, out: str, assets: dict, steps: int,
@@ -82,6 +91,29 @@ def logged_steps(run_dir: str) -> int:
     return len(read_scalars(dirs[0]).get("rollout/reward_mean", {}))
 
 
+def run_all(todo, out: str, env: dict, jobs: int) -> list:
+    """Run ``(name, cmd)`` pairs, at most ``jobs`` at a time; one log per run under ``out/logs``."""
+    record, running, queue = [], {}, list(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            name, cmd = queue.pop(0)
+            log = open(os.path.join(out, "logs", f"{name}.log"), "w")
+            running[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
+                             log, time.time())
+        for name, (proc, log, t0) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            del running[name]
+            dt = time.time() - t0
+            record.append({"run": name, "rc": rc, "seconds": round(dt, 1)})
+            print(f"[{'ok' if rc == 0 else f'FAILED rc={rc}'}] {name} in {dt:.0f} s"
+                  + ("" if rc == 0 else f" (log: {out}/logs/{name}.log)"), flush=True)
+        time.sleep(2)
+    return record
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "mini_repro"))
@@ -92,7 +124,10 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="reverse", choices=["copy", "reverse", "add"])
     ap.add_argument("--digits", type=int, default=3)
     ap.add_argument("--warm-steps", type=int, default=55)
+    ap.add_argument("--hidden", type=int, default=64, help="model width (FFN = 2 x width)")
+    ap.add_argument("--configs", nargs="+", default=None, help="only these config names of the groups")
     ap.add_argument("--nproc", type=int, default=1, help="trainer processes (TP size)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at the same time (each is a trainer + an engine)")
     ap.add_argument("--force", action="store_true", help="rerun runs that are already complete")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
@@ -101,15 +136,17 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     t_start = time.time()
     assets = (asset_paths(out, args.task, args.digits) if args.dry_run
-              else prepare(out, args.task, args.digits, args.warm_steps))
+              else prepare(out, args.task, args.digits, args.warm_steps, args.hidden))
+    extra = [*size_overrides(args.hidden, args.digits), *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    record, lines = [], [f"# mini-reproduction commands (cwd: {REPO})\n"]
+    record, lines, todo = [], [f"# mini-reproduction commands (cwd: {REPO})\n"], []
     for group in args.groups:
         for _label, cfg in GROUPS[group]:
+            if args.configs and cfg not in args.configs:
+                continue
             for seed in args.seeds:
                 name = f"{cfg}_s{seed}"
-                cmd = run_command(sys.executable, cfg, name, seed, out, assets, args.steps, args.nproc,
-                                  args.overrides)
+                cmd = run_command(sys.executable, cfg, name, seed, out, assets, args.steps, args.nproc, extra)
                 text = "OMP_NUM_THREADS=1 " + shlex.join(cmd)
                 lines.append(f"- `{name}`: `{text}`\n")
                 run_dir = os.path.join(out, "runs", name)
@@ -122,14 +159,8 @@ def main(argv=None) -> int:
                 if args.force or os.path.isdir(run_dir):
                     shutil.rmtree(run_dir, ignore_errors=True)  # no half-run resume: each run starts fresh
                     shutil.rmtree(os.path.join(out, "bus", name), ignore_errors=True)
-                t0 = time.time()
-                with open(os.path.join(out, "logs", f"{name}.log"), "w") as log:
-                    rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        check=False).returncode
-                dt = time.time() - t0
-                record.append({"run": name, "rc": rc, "seconds": round(dt, 1)})
-                print(f"[{'ok' if rc == 0 else f'FAILED rc={rc}'}] {name} in {dt:.0f} s"
-                      + ("" if rc == 0 else f" (log: {out}/logs/{name}.log)"), flush=True)
+                todo.append((name, cmd))
+    record = run_all(todo, out, env, max(1, args.jobs))
     with open(os.path.join(out, "commands.md"), "w") as f:
         f.writelines(lines)
     if args.dry_run:
@@ -139,7 +170,10 @@ def main(argv=None) -> int:
     import compare_runs
 
     for group in args.groups:
-        specs = [f"{label}={os.path.join(out, 'runs', cfg)}_s*" for label, cfg in GROUPS[group]]
+        specs = [f"{label}={os.path.join(out, 'runs', cfg)}_s*" for label, cfg in GROUPS[group]
+                 if not args.configs or cfg in args.configs]
+        if not specs:  # --configs selected nothing of this group
+            continue
         compare_runs.main([*(a for s in specs for a in ("--run", s)), "--out", args.results,
                            "--prefix", f"{group}_"])
     print(f"matrix wall time {time.time() - t_start:.0f} s; commands in {out}/commands.md")

@@ -10,22 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .hparams import HPARAMS, NEEDS_OLD_LOGP, hparam_error
-
-OBJECTIVES = (
-    "bypass_token", "bypass_seq", "bypass_geo", "ppo",
-    "mis_token", "mis_seq", "tis_token", "tis_seq",
-    "dppo_tv", "dppo_kl", "drpo", "spo", "drpo_mask",
-)
+from .hparams import hparam_error
+from .registry import OBJECTIVES
+from .registry import objective as lookup
 
 
 @dataclass
 class AlgorithmConfig:
-    objective: Literal[
-        "bypass_token", "bypass_seq", "bypass_geo", "ppo",
-        "mis_token", "mis_seq", "tis_token", "tis_seq",
-        "dppo_tv", "dppo_kl", "drpo", "spo", "drpo_mask",
-    ] = "bypass_token"
+    objective: Literal[OBJECTIVES] = "bypass_token"
     """Per-token objective (ALGORITHMS.md sections 1-4); see docs/objectives.md."""
     eps_low: float = 0.2
     """Ratio objectives (bypass_*, ppo, mis_*, tis_*): lower clip range (ratio kept >= 1 - eps_low); in [0, 1]."""
@@ -65,8 +57,7 @@ class AlgorithmConfig:
 
     def objective_hparams(self) -> dict:
         """The keyword hyper-parameters of the configured objective, exactly as ``token_losses`` takes them."""
-        required, optional = HPARAMS[self.objective]
-        return {k: getattr(self, k) for k in (*required, *optional)}
+        return {k: getattr(self, k) for k in lookup(self.objective).hparam_names}
 
     def validate(self) -> None:
         # Every hyper-parameter field is range-checked, also those the chosen objective ignores.
@@ -78,7 +69,7 @@ class AlgorithmConfig:
             raise ValueError("algorithm.aggregation = seq-mean-token-sum-norm needs algorithm.horizon")
         if self.horizon is not None and self.horizon < 1:
             raise ValueError(f"algorithm.horizon must be >= 1 (or null), got {self.horizon}")
-        if self.objective in NEEDS_OLD_LOGP and not self.recompute_old_logp:
+        if lookup(self.objective).needs_old_logp and not self.recompute_old_logp:
             raise ValueError(
                 f"algorithm.objective = {self.objective} needs pi_old: set algorithm.recompute_old_logp = true"
             )

@@ -61,11 +61,13 @@ def dppo_loss(
 ) -> torch.Tensor:
     """``L_t = -A * sg(min(pi/mu, C)) * (1 - invalid_t) * lp_t`` (section 3; ``C = trunc``, None = off).
 
-    The ratio is not clamped here (the spec clamps only the ratio objectives and DRPO); it is
-    detached, so its gradient is ``-A sg(r) (1 - invalid)`` w.r.t. ``lp``.
+    The log-ratio is clamped to [-20, 20] before ``exp`` like every other objective's (the DPPO
+    reference, sail-sg/Stable-RL ``verl/trainer/ppo/core_algos.py`` @c6af1d1, clamps it at max 20
+    before its ``clip_ratio_c`` cap); unclamped, ``exp`` overflows to inf and ``inf * 0`` on a
+    masked token is NaN. It is detached, so its gradient is ``-A sg(r) (1 - invalid)`` w.r.t. ``lp``.
     """
     invalid = dppo_invalid(divergence, logp, rollout_logp, advantages, delta)
-    ratio = (logp.detach() - rollout_logp).exp()
+    ratio = (logp.detach() - rollout_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     if trunc is not None:
         ratio = ratio.clamp(max=trunc)
     keep = (~invalid).to(logp.dtype)

@@ -1,34 +1,12 @@
-"""Which hyper-parameters each objective takes, and their range checks (torch-free, so the config
-section can share it with :mod:`megatron_alp.algo.objectives`)."""
+"""Range checks of the objectives' hyper-parameters (which objective takes which is in
+:mod:`.registry`); torch-free, so the config section can share it with the objectives."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
-# name -> (required hyper-parameters, optional hyper-parameters with their defaults; None = off)
-_CLIP = ("eps_low", "eps_high")
-HPARAMS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Optional[float]]]] = {
-    "bypass_token": (_CLIP, {"dual_clip": None}),
-    "bypass_seq": (_CLIP, {"dual_clip": None}),
-    "bypass_geo": (_CLIP, {"dual_clip": None}),
-    "ppo": (_CLIP, {"dual_clip": None}),
-    "mis_token": (_CLIP + ("is_low", "is_high"), {"dual_clip": None, "veto": None}),
-    "mis_seq": (_CLIP + ("is_low", "is_high"), {"dual_clip": None, "veto": None}),
-    "tis_token": (_CLIP + ("is_high",), {"dual_clip": None, "veto": None}),
-    "tis_seq": (_CLIP + ("is_high",), {"dual_clip": None, "veto": None}),
-    "dppo_tv": (("delta",), {"trunc": None}),
-    "dppo_kl": (("delta",), {"trunc": None}),
-    "drpo": (("delta",), {}),
-    "spo": (("delta",), {}),
-    "drpo_mask": (("delta", "dppo_delta"), {}),
-}
-OBJECTIVES = tuple(HPARAMS)
-NEEDS_OLD_LOGP = frozenset({"ppo", "mis_token", "mis_seq", "tis_token", "tis_seq"})
-SEQUENCE_LEVEL = frozenset({"bypass_seq", "bypass_geo", "mis_seq", "tis_seq"})
-RATIO_OBJECTIVES = frozenset(
-    {"bypass_token", "bypass_seq", "bypass_geo", "ppo", "mis_token", "mis_seq", "tis_token", "tis_seq"}
-)
-DRPO_FAMILY = frozenset({"drpo", "spo", "drpo_mask"})
+from .registry import objective as lookup
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -65,9 +43,8 @@ def check_hparams(objective: str, hparams: dict) -> dict:
     Unknown objective -> ValueError; unknown or missing keyword -> TypeError naming it; a value out
     of range -> ValueError naming it.
     """
-    if objective not in HPARAMS:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
-    required, optional = HPARAMS[objective]
+    spec = lookup(objective)
+    required, optional = spec.required, spec.optional
     unknown = sorted(set(hparams) - set(required) - set(optional))
     if unknown:
         raise TypeError(

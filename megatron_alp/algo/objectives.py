@@ -16,6 +16,8 @@ bypass_seq     PPO clip of the straight-through sequence ratio             eps_l
 bypass_geo     same with the geometric-mean sequence ratio (GSPO)          eps_low, eps_high, [dual_clip]
 ppo            PPO clip of ``pi/pi_old``                                   eps_low, eps_high, [dual_clip]
 mis_token/seq  ``sg(w 1[is_low<=w<=is_high]) * ppo``, ``w = pi_old/mu``    eps_low, eps_high, is_low, is_high, [dual_clip, veto]
+mis_seq_geo    mis_seq with the PPO clip on the geometric sequence         same as mis_seq
+               ratio ``(pi/pi_old)^(1/|y|)`` (straight-through; GSPO)
 tis_token/seq  ``sg(min(w, is_high)) * ppo``                               eps_low, eps_high, is_high, [dual_clip, veto]
 dppo_tv/kl     ``-A sg(min(r, C)) (1 - invalid) lp``                       delta, [trunc]
 drpo           ``-A r + |A| sg(mu) (r-1)^2 / (2 delta)``                   delta
@@ -36,17 +38,10 @@ from typing import Optional, Union
 import torch
 
 from .divergence import dppo_loss, drpo_loss
-from .hparams import (  # noqa: F401  (re-exported: the tables are part of this module's API)
-    AGGREGATIONS,
-    DRPO_FAMILY,
-    HPARAMS,
-    NEEDS_OLD_LOGP,
-    OBJECTIVES,
-    RATIO_OBJECTIVES,
-    SEQUENCE_LEVEL,
-    check_hparams,
-)
-from .ratio import importance_weight, policy_log_ratio, ppo_clip_loss
+from .hparams import AGGREGATIONS, check_hparams
+from .ratio import importance_weight, loss_log_ratio, policy_log_ratio, ppo_clip_loss
+from .registry import OBJECTIVES, REGISTRY, Objective  # noqa: F401  (OBJECTIVES: re-exported, part of the API)
+from .registry import objective as lookup
 
 Number = Union[int, float]
 
@@ -105,10 +100,11 @@ def effective_mask(
     ok = torch.isfinite(logp.detach()) & torch.isfinite(_as_2d("rollout_logp", rollout_logp, shape))
     if advantages is not None:
         ok &= torch.isfinite(broadcast_advantages(advantages, shape))
-    if old_logp is not None and (objective is None or objective in NEEDS_OLD_LOGP):
+    spec = lookup(objective) if objective is not None else None
+    if old_logp is not None and (spec is None or spec.needs_old_logp):
         ok &= torch.isfinite(_as_2d("old_logp", old_logp, shape))
     valid = m & ok
-    if objective in SEQUENCE_LEVEL:
+    if spec is not None and spec.sequence_level:
         valid = valid & ~(m & ~ok).any(dim=-1, keepdim=True)
     return valid
 
@@ -135,12 +131,13 @@ def token_losses(
     objectives and their hyper-parameters.
     """
     hp = check_hparams(objective, hparams)
+    spec = REGISTRY[objective]
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2:
         raise ValueError(f"logp must be a [B, T] tensor, got {getattr(logp, 'shape', type(logp).__name__)}")
     if not logp.is_floating_point():
         raise TypeError(f"logp must be floating point, got {logp.dtype}")
     shape = tuple(logp.shape)
-    if objective in NEEDS_OLD_LOGP and old_logp is None:
+    if spec.needs_old_logp and old_logp is None:
         raise ValueError(f"objective {objective!r} needs old_logp (the recomputed pi_old log-probs)")
     valid = effective_mask(objective, mask, logp, rollout_logp, advantages, old_logp)
 
@@ -154,26 +151,50 @@ def token_losses(
     lp = clean(logp)
     lmu = clean(rollout_logp.detach())
     adv = clean(broadcast_advantages(advantages.detach(), shape))
-    lold = clean(old_logp.detach()) if objective in NEEDS_OLD_LOGP else None
-
-    if objective.startswith("bypass_"):
-        kind = objective.split("_")[1]
-        log_rho = policy_log_ratio(kind, lp, lmu, valid)
-        loss = ppo_clip_loss(log_rho, adv, hp["eps_low"], hp["eps_high"], hp["dual_clip"])
-    elif objective in NEEDS_OLD_LOGP:
-        loss = ppo_clip_loss(lp - lold, adv, hp["eps_low"], hp["eps_high"], hp["dual_clip"])
-        if objective != "ppo":
-            mode = "mask" if objective.startswith("mis_") else "truncate"
-            w, _ = importance_weight(
-                objective.split("_")[1], mode, lold, lmu, valid,
-                is_low=hp.get("is_low", 0.0), is_high=hp["is_high"], veto=hp["veto"],
-            )
-            loss = w * loss
-    elif objective.startswith("dppo_"):
-        loss = dppo_loss(objective.split("_")[1], lp, lmu, adv, hp["delta"], hp["trunc"])
-    else:  # drpo, spo, drpo_mask
-        loss = drpo_loss(objective, lp, lmu, adv, hp["delta"], hp.get("dppo_delta"))
+    lold = clean(old_logp.detach()) if spec.needs_old_logp else None
+    loss = _FAMILY_LOSS[spec.family](spec, hp, lp, lmu, lold, adv, valid)
     return torch.where(valid, loss, zero)
+
+
+def _bypass_loss(spec: Objective, hp: dict, lp, lmu, lold, adv, valid) -> torch.Tensor:
+    log_rho = policy_log_ratio(spec.kind, lp, lmu, valid)
+    return ppo_clip_loss(log_rho, adv, hp["eps_low"], hp["eps_high"], hp["dual_clip"])
+
+
+def _ppo_loss(spec: Objective, hp: dict, lp, lmu, lold, adv, valid) -> torch.Tensor:
+    """The PPO clip of pi/pi_old (token ratio; geometric sequence ratio for ``mis_seq_geo``)."""
+    return ppo_clip_loss(loss_log_ratio(spec.name, lp, lmu, lold, valid), adv, hp["eps_low"], hp["eps_high"],
+                         hp["dual_clip"])
+
+
+def _weighted_ppo_loss(spec: Objective, hp: dict, lp, lmu, lold, adv, valid) -> torch.Tensor:
+    """mis_*/tis_*: the ppo loss times the masked / truncated importance weight pi_old/mu."""
+    w, _ = importance_weight(is_weight_level(spec), is_weight_mode(spec), lold, lmu, valid,
+                             is_low=hp.get("is_low", 0.0), is_high=hp["is_high"], veto=hp["veto"])
+    return w * _ppo_loss(spec, hp, lp, lmu, lold, adv, valid)
+
+
+def _dppo_loss(spec: Objective, hp: dict, lp, lmu, lold, adv, valid) -> torch.Tensor:
+    return dppo_loss(spec.kind, lp, lmu, adv, hp["delta"], hp["trunc"])
+
+
+def _drpo_loss(spec: Objective, hp: dict, lp, lmu, lold, adv, valid) -> torch.Tensor:
+    return drpo_loss(spec.kind, lp, lmu, adv, hp["delta"], hp.get("dppo_delta"))
+
+
+def is_weight_level(spec: Objective) -> str:
+    """``token`` or ``seq``: the level of mis_* / tis_*'s importance weight (geo weights per sequence)."""
+    return "seq" if spec.sequence_level else "token"
+
+
+def is_weight_mode(spec: Objective) -> str:
+    """How mis_* / tis_* treat the importance weight pi_old/mu out of range."""
+    return "mask" if spec.family == "mis" else "truncate"
+
+
+# The loss of each family of the registry (megatron_alp.algo.registry).
+_FAMILY_LOSS = {"bypass": _bypass_loss, "ppo": _ppo_loss, "mis": _weighted_ppo_loss, "tis": _weighted_ppo_loss,
+                "dppo": _dppo_loss, "drpo": _drpo_loss}
 
 
 def kl_penalty(

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .registry import objective as lookup
+
 # ALGORITHMS.md section 1: log rho is clamped to [-20, 20] before exp (the reference does the same).
 LOG_RATIO_CLAMP = 20.0
 
@@ -41,6 +43,25 @@ def policy_log_ratio(kind: str, logp: torch.Tensor, anchor_logp: torch.Tensor, v
         s = sequence_log_ratio(diff.detach(), valid, geometric=(kind == "geo"))
         return s.unsqueeze(-1) + logp - logp.detach()
     raise ValueError(f"unknown ratio kind {kind!r} (expected 'token', 'seq' or 'geo')")
+
+
+def loss_log_ratio(
+    objective: str, logp: torch.Tensor, rollout_logp: torch.Tensor, old_logp: Optional[torch.Tensor],
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token ``log rho`` (not yet clamped) that a ratio objective's PPO clip sees.
+
+    ``bypass_<kind>``: :func:`policy_log_ratio` against the rollout log-probs; ``mis_seq_geo``
+    (GSPO as the ALP reference's ``train_gspo.sh`` runs it: ``ppo_is_geometric=True``): the
+    geometric-mean sequence ratio against the recomputed ``pi_old``; the other decoupled objectives
+    (``ppo``, ``mis_*``, ``tis_*``): the token ratio ``lp - lold``.
+    """
+    spec = lookup(objective)
+    if spec.family == "bypass":
+        return policy_log_ratio(spec.kind, logp, rollout_logp, valid)
+    if spec.kind == "geo":
+        return policy_log_ratio("geo", logp, old_logp, valid)
+    return logp - old_logp
 
 
 def ppo_clip_loss(

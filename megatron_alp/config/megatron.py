@@ -14,29 +14,29 @@ def train_dtype(precision: PrecisionConfig) -> torch.dtype:
     return _DTYPES[precision.train]
 
 
-def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig):
+def to_transformer_config(model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig):
     """Build Megatron's TransformerConfig for our model, parallel and precision sections."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.head_dim,
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.head_dim,
         # Llama/Qwen blocks: RMSNorm, SwiGLU, no bias except Qwen2's QKV bias, no dropout.
         normalization="RMSNorm",
-        layernorm_epsilon=model.norm_eps,
+        layernorm_epsilon=model_cfg.norm_eps,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=model.qkv_bias,
-        qk_layernorm=model.qk_layernorm,
+        add_qkv_bias=model_cfg.qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=model.init_std,
+        init_method_std=model_cfg.init_std,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

@@ -14,8 +14,6 @@ from rollout.eval.config import EvalConfig
 
 from ..algo.config import AlgorithmConfig
 
-FAMILIES = ("qwen2", "qwen3", "llama")
-
 
 def _at_least(section: str, obj, low, *names: str) -> None:
     """Each named field (None = unset, skipped) must be >= ``low``."""
@@ -106,8 +104,13 @@ class ParallelConfig:
     """Activation recomputation."""
     recompute_num_layers: int = 1
     """Layers per recompute chunk (full recompute, uniform method)."""
+    pg_timeout_minutes: float = 60.0
+    """Timeout of the trainer's collectives (default group and Megatron's groups): a rank stuck longer
+    than this ends the job. Waits on rank 0's rollout use run.rollout_timeout_minutes instead."""
 
     def validate(self) -> None:
+        if self.pg_timeout_minutes <= 0:
+            raise ValueError(f"parallel.pg_timeout_minutes must be > 0, got {self.pg_timeout_minutes}")
         _at_least("parallel", self, 1, "tp", "pp", "cp", "dp", "recompute_num_layers")
 
 
@@ -233,7 +236,9 @@ class BusConfig:
     fsync: bool = False
     """fsync shards and directories before the atomic rename (host-crash durability; checksums catch torn files anyway)."""
     master_address: Optional[str] = None
-    """Address the engines reach the trainer's broadcast groups at (nccl backend); None = this host's name."""
+    """Address the engines reach the trainer's broadcast groups at (nccl backend), the same for every
+    stage: only for senders on one node. None (default) = each sender's node address: its interface
+    named by NCCL_SOCKET_IFNAME (GLOO_SOCKET_IFNAME on CPU), else its route to the first engine."""
     timeout_s: float = 600.0
     """Timeout of forming a broadcast group and of one broadcast (nccl backend)."""
 
@@ -273,6 +278,10 @@ class LoggingConfig:
     """Terminal line every N steps."""
     histograms: bool = True
     """Log-ratio and sigma histograms."""
+    mismatch_metrics: bool = True
+    """Log mismatch/* (unperturbed pi_theta_old vs the rollout policy mu at the start of each step).
+    Where the objective does not recompute pi_old this costs one extra no-grad forward per step;
+    false skips it and logs nothing under mismatch/."""
 
 
 @dataclass
@@ -296,8 +305,13 @@ class RunConfig:
     most this many tokens (micro_batch_size is then unused); 0 = padded micro-batches."""
     max_nonfinite_steps: int = 3
     """Consecutive non-finite losses after which the run stops."""
+    rollout_timeout_minutes: float = 180.0
+    """How long the other ranks wait for rank 0's rollout (a gloo group of its own): long-CoT and
+    multi-turn rollouts take longer than parallel.pg_timeout_minutes (slime's scripts: 60-120 min)."""
 
     def validate(self) -> None:
+        if self.rollout_timeout_minutes <= 0:
+            raise ValueError(f"run.rollout_timeout_minutes must be > 0, got {self.rollout_timeout_minutes}")
         _at_least("run", self, 0, "steps")
         _at_least("run", self, 1, "prompts_per_step", "mini_batches_per_step", "micro_batch_size",
                   "max_nonfinite_steps")

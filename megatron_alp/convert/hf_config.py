@@ -100,14 +100,9 @@ def model_config_from_hf(hf: Dict[str, Any], hf_path: Optional[str] = None) -> M
     return cfg
 
 
-def hf_dtype_name(hf: Dict[str, Any]) -> Optional[str]:
-    """The checkpoint dtype config.json declares (transformers 5: ``dtype``; before: ``torch_dtype``)."""
-    return hf.get("dtype") or hf.get("torch_dtype")
-
-
-def hf_config_for_export(model: ModelConfig, dtype: torch.dtype,
+def hf_config_for_export(model_cfg: ModelConfig, dtype: torch.dtype,
                          source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """config.json for an exported checkpoint: the source's (dtype updated) or one built from ``model``."""
+    """config.json for an exported checkpoint: the source's (dtype updated) or one built from ``model_cfg``."""
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     if source is not None:
         out = copy.deepcopy(source)
@@ -115,26 +110,26 @@ def hf_config_for_export(model: ModelConfig, dtype: torch.dtype,
         return out
     import transformers
 
-    fam = get_family(model.family)
-    head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
-    rope: Dict[str, Any] = {"rope_theta": model.rope_theta, "rope_type": "default"}
-    if model.rope_scaling_factor is not None:
-        rope = {"rope_theta": model.rope_theta, "rope_type": "llama3", "factor": model.rope_scaling_factor,
+    fam = get_family(model_cfg.family)
+    head_dim = model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_attention_heads
+    rope: Dict[str, Any] = {"rope_theta": model_cfg.rope_theta, "rope_type": "default"}
+    if model_cfg.rope_scaling_factor is not None:
+        rope = {"rope_theta": model_cfg.rope_theta, "rope_type": "llama3", "factor": model_cfg.rope_scaling_factor,
                 **LLAMA3_ROPE_CONSTANTS}
     kwargs = dict(
-        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_query_groups or model.num_attention_heads,
-        max_position_embeddings=model.max_position_embeddings, rms_norm_eps=model.norm_eps,
-        tie_word_embeddings=model.tie_embeddings, initializer_range=model.init_std, rope_parameters=rope,
+        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size, intermediate_size=model_cfg.ffn_hidden_size,
+        num_hidden_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
+        num_key_value_heads=model_cfg.num_query_groups or model_cfg.num_attention_heads,
+        max_position_embeddings=model_cfg.max_position_embeddings, rms_norm_eps=model_cfg.norm_eps,
+        tie_word_embeddings=model_cfg.tie_embeddings, initializer_range=model_cfg.init_std, rope_parameters=rope,
     )
-    if model.head_dim is not None or model.family != "qwen2":
+    if model_cfg.head_dim is not None or model_cfg.family != "qwen2":
         kwargs["head_dim"] = head_dim
     cfg = getattr(transformers, fam.config_class)(**kwargs)
     out = cfg.to_dict()
     out["architectures"] = [fam.architecture]
     out["dtype"] = out["torch_dtype"] = dtype_name
     # The pre-transformers-5 keys too, so older readers (SGLang's pinned transformers) see the same RoPE.
-    out["rope_theta"] = model.rope_theta
-    out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} if model.rope_scaling_factor else None
+    out["rope_theta"] = model_cfg.rope_theta
+    out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} if model_cfg.rope_scaling_factor else None
     return out

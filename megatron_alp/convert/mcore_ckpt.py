@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..config.schema import ModelConfig
 from ..model.alp.params import is_alp_param
+from ..model.sharding import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ HF_SUBDIR = "hf"
 FORMAT = "megatron_alp.torch_dist.v1"
 # Wrappers that ALP's logits-only variant puts around stock modules (cf. sharding._TRANSPARENT).
 _TRANSPARENT_KEYS = (("decoder.final_layernorm.norm.", "decoder.final_layernorm."),)
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def is_megatron_checkpoint(path: str) -> bool:
@@ -64,7 +59,7 @@ def save_megatron_checkpoint(model, out_dir: str, meta: Dict[str, Any]) -> None:
 
     from ..runtime.cpu_support import sync_save_strategy
 
-    model = _unwrap(model)
+    model = unwrap(model)
     if dist.get_rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
     dist.barrier()
@@ -120,7 +115,7 @@ def load_megatron_checkpoint(model, path: str, strict: bool = True) -> Dict[str,
     checkpoint's metadata.
     """
 
-    model = _unwrap(model)
+    model = unwrap(model)
     meta = read_meta(path)
     _check_architecture(model, meta, path)
     sharded = model.sharded_state_dict()

@@ -168,7 +168,7 @@ def export_hf_weights(model, wmap: WeightMap, out_dir: str, dtype: Optional[torc
     """
     from megatron.core import parallel_state as ps
 
-    from ..sync.export import export_role, iter_hf_tensors  # the bus's export: one gather/name-map loop
+    from .hf_export import export_role, iter_hf_tensors  # shared with the bus: one gather/name-map loop
 
     _, writes = export_role()
     stage = ps.get_pipeline_model_parallel_rank()

@@ -56,12 +56,12 @@ class Dims:
         return tuple(table[s] for s in symbolic)
 
     @classmethod
-    def of(cls, model) -> "Dims":
+    def of(cls, model_cfg) -> "Dims":
         """From a :class:`megatron_alp.config.schema.ModelConfig`."""
-        groups = model.num_query_groups or model.num_attention_heads
-        head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
-        return cls(hidden=model.hidden_size, ffn=model.ffn_hidden_size, vocab=model.vocab_size,
-                   heads=model.num_attention_heads, groups=groups, head_dim=head_dim)
+        groups = model_cfg.num_query_groups or model_cfg.num_attention_heads
+        head_dim = model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_attention_heads
+        return cls(hidden=model_cfg.hidden_size, ffn=model_cfg.ffn_hidden_size, vocab=model_cfg.vocab_size,
+                   heads=model_cfg.num_attention_heads, groups=groups, head_dim=head_dim)
 
 
 def _one(tensors: List[torch.Tensor]) -> torch.Tensor:

@@ -32,8 +32,12 @@ def run_cmd(cmd, env=None) -> None:
         raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def prepare_tiny_assets(out: str, warm_steps: int = 55, tp: int = 2, num_prompts: int = 1024,
-                        log: Callable[[str], None] = logger.info) -> Dict[str, str]:
+                        log: Callable[[str], None] = logger.info, hidden_size: int = 64,
+                        intermediate_size: int = 128, digits: int = 3) -> Dict[str, str]:
     from rollout.rewards.synthetic import synthetic_records
     from rollout.tiny_model import make_tiny_model
 
@@ -42,13 +46,13 @@ def prepare_tiny_assets(out: str, warm_steps: int = 55, tp: int = 2, num_prompts
     os.makedirs(out, exist_ok=True)
     init_dir, hf_dir = os.path.join(out, "hf_init"), os.path.join(out, "hf_warm")
     log("[1/5] tiny Qwen2-shaped model (digits tokenizer)")
-    make_tiny_model(init_dir, alphabet="digits", hidden_size=64, num_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=128, seed=0)
+    make_tiny_model(init_dir, alphabet="digits", hidden_size=hidden_size, num_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=intermediate_size, seed=0)
     log(f"[2/5] supervised warm start on the copy task ({warm_steps} steps)")
-    warm_start(init_dir, hf_dir, synthetic_records(2048, "copy", 3, seed=123), steps=warm_steps)
+    warm_start(init_dir, hf_dir, synthetic_records(2048, "copy", digits, seed=123), steps=warm_steps)
     data = os.path.join(out, "copy_train.jsonl")
     with open(data, "w") as f:
-        for r in synthetic_records(num_prompts, "copy", 3, seed=0):
+        for r in synthetic_records(num_prompts, "copy", digits, seed=0):
             f.write(json.dumps(r) + "\n")
     heldout = os.path.join(out, "copy_heldout.jsonl")  # evaluation problems never trained on
     seen = {r["prompt"] for r in synthetic_records(num_prompts, "copy", 3, seed=0)}
@@ -59,8 +63,11 @@ def prepare_tiny_assets(out: str, warm_steps: int = 55, tp: int = 2, num_prompts
                 f.write(json.dumps(r) + "\n")
     log("[3/5] convert HF -> Megatron (tools/convert.py)")
     mcore_dir = os.path.join(out, "mcore")
+    # The tool spawns its own TP world; a caller's torch.distributed variables (an in-process
+    # single-rank group sets WORLD_SIZE=1) would make it join a world of 1 instead.
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     run_cmd([sys.executable, "tools/convert.py", "hf-to-mcore", "--hf", hf_dir, "--out", mcore_dir,
-             "--tp", str(tp), "--no-progress"])
+             "--tp", str(tp), "--no-progress"], env=env)
     return {"hf": hf_dir, "mcore": mcore_dir, "data": data, "heldout": heldout}
 
 

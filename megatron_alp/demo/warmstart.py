@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -23,6 +23,23 @@ def warm_start(hf_dir: str, out_dir: str, records: List[dict], steps: int = 60, 
 
     Returns the final training loss. Loss only on the answer and EOS tokens.
     """
+    from transformers import AutoTokenizer
+
+    from rollout.tiny_model import eos_token_ids
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    eos = eos_token_ids(tok)[0]
+    examples = []
+    for r in records:
+        p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        a = tok(r["answer"], add_special_tokens=False)["input_ids"] + [eos]
+        examples.append((p + a, [0] * len(p) + [1] * len(a)))
+    return fit_sequences(hf_dir, out_dir, examples, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
+
+def fit_sequences(hf_dir: str, out_dir: str, examples: List[Tuple[List[int], List[int]]], steps: int = 60,
+                  batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> float:
+    """Fine-tune ``hf_dir`` on (token ids, loss mask) pairs (loss where the mask is 1); save to ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rollout.tiny_model import eos_token_ids
@@ -33,23 +50,18 @@ def warm_start(hf_dir: str, out_dir: str, records: List[dict], steps: int = 60, 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     model.train()
     eos = eos_token_ids(tok)[0]
-    pairs = []
-    for r in records:
-        p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
-        a = tok(r["answer"], add_special_tokens=False)["input_ids"] + [eos]
-        pairs.append((p, a))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     loss_v = float("nan")
     for step in range(steps):
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
-        L = max(len(p) + len(a) for p, a in batch)
+        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        L = max(len(ids) for ids, _ in batch)
         ids = torch.full((batch_size, L), eos, dtype=torch.long)
         labels = torch.full((batch_size, L), -100, dtype=torch.long)
         attn = torch.zeros(batch_size, L, dtype=torch.long)
-        for i, (p, a) in enumerate(batch):
-            seq = p + a
-            ids[i, :len(seq)] = torch.tensor(seq)
-            labels[i, len(p):len(seq)] = torch.tensor(a)
+        for i, (seq, mask) in enumerate(batch):
+            t = torch.tensor(seq)
+            ids[i, :len(seq)] = t
+            labels[i, :len(seq)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, -100)
             attn[i, :len(seq)] = 1
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()

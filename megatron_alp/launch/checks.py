@@ -37,8 +37,27 @@ def requested_precision(config_path: Optional[str], overrides: Sequence[str]) ->
     return str((tree.get("precision") or {}).get("train", "fp32"))
 
 
+def torch_here() -> bool:
+    """Whether torch imports on this host (a container job's batch host may not have it)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_for_world(config_path: Optional[str], overrides: Sequence[str], world: int, on_gpus: bool):
-    """The trainer's ``load_and_check`` at world size ``world``; returns (cfg, note or None)."""
+    """The trainer's ``load_and_check`` at world size ``world``; returns (cfg, note or None).
+
+    Without torch on this host (the batch host of a container job: torch and Megatron live in the
+    steps' image) only the config's own checks run here; the trainer repeats the full check."""
+    if not torch_here():
+        from ..config import load_config
+
+        with _world_size(world):
+            cfg = load_config(config_path, list(overrides))
+        return cfg, ("torch is not importable on this host (a container job?): the config's own checks ran "
+                     "here; the batch split and precision are checked by the trainer on its nodes")
     import torch
 
     from ..trainer.setup import load_and_check
@@ -113,4 +132,80 @@ def check_paths(cfg, multi_node: bool) -> Tuple[List[str], List[str]]:
         elif multi_node and os.path.abspath(path).startswith(NODE_LOCAL):
             problems.append(f"{key} = {path} is node-local storage: every node of the job must see it "
                             f"(use a shared filesystem)")
+    return problems, warnings
+
+
+# The chat template's end-of-turn token of the families whose tokenizer may be absent on a login
+# node (HF tokenizer files: Qwen2/2.5/3 `<|im_end|>`, Llama-3 instruct `<|eot_id|>`).
+END_OF_TURN_IDS = {"qwen2": ("<|im_end|>", 151645), "qwen3": ("<|im_end|>", 151645), "llama": ("<|eot_id|>", 128009)}
+
+
+def _local_tokenizer(cfg):
+    path = cfg.model.hf_path or cfg.rollout.model_path
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no local copy: fall back to the table
+        return None
+
+
+def model_eos_ids(cfg) -> List[int]:
+    """EOS ids the checkpoint itself declares (config.json / generation_config.json of a local copy)."""
+    import json
+
+    path, ids = cfg.model.hf_path or cfg.rollout.model_path, []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            with open(os.path.join(path or "", name)) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    return ids
+
+
+def end_of_turn(cfg) -> Optional[Tuple[str, int]]:
+    """(token, id) that ends an assistant turn in the chat template, or None when unknown."""
+    from rollout.chat import end_of_turn_token
+
+    tok = _local_tokenizer(cfg)
+    name = end_of_turn_token(tok) if tok is not None else None
+    if name is not None:
+        return name, tok.convert_tokens_to_ids(name)
+    # no local tokenizer, or one without a chat template (a model directory with only config.json)
+    if cfg.model.vocab_size >= 100000:  # a real model of a known family (tiny test models have a tokenizer)
+        return END_OF_TURN_IDS.get(cfg.model.family)
+    return None
+
+
+def check_rollout_inputs(cfg) -> Tuple[List[str], List[str]]:
+    """(problems, warnings): the dataset has every record's prompt and label; the stop set ends turns."""
+    from rollout.data import get_field, read_records
+
+    problems: List[str] = []
+    warnings: List[str] = []
+    d = cfg.rollout.data
+    if d.path and os.path.isfile(d.path):
+        try:
+            records = read_records(d.path)
+        except Exception as e:  # noqa: BLE001 - reported as a problem
+            records = []
+            problems.append(f"rollout.data.path = {d.path} cannot be read: {e}")
+        for key, name, needed in ((d.prompt_key, "prompt_key", True), (d.label_key, "label_key", d.require_label)):
+            missing = sum(get_field(r, key, None) is None for r in records)
+            if missing and needed:
+                problems.append(f"rollout.data.{name} = {key}: {missing} of {len(records)} records of {d.path} lack "
+                                f"it (verl files: label_key=reward_model.ground_truth; tools/convert_data.py)")
+    if d.apply_chat_template:
+        eot = end_of_turn(cfg)
+        if eot is None:
+            warnings.append("the chat template's end-of-turn token is unknown here (no local tokenizer): "
+                            "rollout.stop_token_ids is not checked")
+        elif eot[1] not in [*cfg.rollout.stop_token_ids, *model_eos_ids(cfg)]:
+            problems.append(f"rollout.stop_token_ids = {list(cfg.rollout.stop_token_ids)} lacks the chat template's "
+                            f"end-of-turn token {eot[0]} ({eot[1]}): base models that declare another EOS would "
+                            f"generate past the turn (set it in the model preset)")
     return problems, warnings

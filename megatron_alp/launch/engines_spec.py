@@ -31,10 +31,14 @@ def engine_start_path(cfg) -> Tuple[str, int]:
     the weights the resumed trainer has (it republishes that version, but does not push it to
     attached engines). If the bus no longer holds it, the HF weights, with a warning.
     """
-    from rollout.bus.disk import version_dirname
+    from rollout.bus.versions import version_dirname
 
-    from ..trainer.checkpoint import latest_checkpoint
+    from .checks import torch_here
 
+    if torch_here():
+        from ..trainer.checkpoint import latest_checkpoint
+    else:  # a container job's batch host: the same `latest` pointer, read without torch
+        latest_checkpoint = _latest_pointer
     base = cfg.rollout.model_path or cfg.model.hf_path
     latest = latest_checkpoint(cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints"))
     if not latest:
@@ -56,11 +60,39 @@ def engine_start_path(cfg) -> Tuple[str, int]:
     return base, 0
 
 
+def keyed_sglang(cmd: List[str]) -> List[str]:
+    """SGLang's command through :mod:`.sglang_main`, which reads the API key from its file."""
+    i = cmd.index("sglang.launch_server")
+    return [*cmd[:i], "megatron_alp.launch.sglang_main", *cmd[i + 1:]]
+
+
+def write_key_file(log_dir: str, api_key: str) -> str:
+    """The job's API key in ``<job dir>/api_key`` (mode 0600): SGLang reads it from there."""
+    path = os.path.join(log_dir, "api_key")
+    os.makedirs(log_dir, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(api_key)
+    return path
+
+
+def _latest_pointer(root: Optional[str]) -> Optional[str]:
+    """trainer.checkpoint.latest_checkpoint's reading of ``<root>/latest``, without importing torch."""
+    ptr = os.path.join(root or "", "latest")
+    if not root or not os.path.isfile(ptr):
+        return None
+    with open(ptr) as f:
+        path = os.path.join(root, f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
 def build_engine_spec(cfg, plan, model_path: str, version: int, api_key: Optional[str],
                       log_dir: str, python: Optional[str] = None) -> Dict[str, List[dict]]:
     """{rollout node: [{cmd, url, log, name, env, api_key}, ...]} for node.py's ``engines`` role.
 
-    ``python`` replaces this interpreter in the commands (the steps may run in a container)."""
+    ``python`` replaces this interpreter in the commands (the steps may run in a container). The
+    API key never is on a command line: SGLang reads it from a 0600 file of the job folder
+    (:mod:`.sglang_main`), the local engine from its environment."""
     from rollout.engines.sglang import sglang_server_command
     from rollout.engines.start import local_engine_command
 
@@ -68,13 +100,15 @@ def build_engine_spec(cfg, plan, model_path: str, version: int, api_key: Optiona
     out: Dict[str, List[dict]] = {}
     if plan.mode == "attached":
         return out
+    key_file = write_key_file(log_dir, api_key) if api_key and r.engine == "sglang" else None
     for n, node in enumerate(plan.rollout_nodes):
         entries = []
         for i, port in enumerate(plan.engine_ports):
             k = n * plan.engines_per_node + i
             if r.engine == "sglang":
-                rc = dataclasses.replace(r, seed=r.seed + k - i, api_key=api_key, weight_version=str(version))
-                cmd, env = sglang_server_command(rc, model_path, port, index=i, host=plan.engine_bind), {}
+                rc = dataclasses.replace(r, seed=r.seed + k - i, api_key=None, weight_version=str(version))
+                cmd = keyed_sglang(sglang_server_command(rc, model_path, port, index=i, host=plan.engine_bind))
+                env = {"ROLLOUT_API_KEY_FILE": key_file} if api_key else {}
             else:
                 rc = dataclasses.replace(r, seed=r.seed, host=plan.engine_bind, api_key=None,
                                          weight_version=str(version))

@@ -59,7 +59,7 @@ class Checked:
 def check_job(spec: JobSpec) -> Checked:
     """Everything the dry run checks; raises ``ValueError`` (config) or ``TopologyError``."""
     from ..config import load_config
-    from .checks import check_paths, check_sequence_fits, load_for_world, requested_precision
+    from .checks import check_paths, check_rollout_inputs, check_sequence_fits, load_for_world, requested_precision
 
     on_gpus = spec.gpus_per_node > 0
     # The topology first (it fixes the world size), from the config without the batch checks; the
@@ -78,13 +78,22 @@ def check_job(spec: JobSpec) -> Checked:
     if plan.engine_urls and plan.mode != "attached" and on_gpus:
         out.engine_mem = estimate_engine(cfg, model_params(cfg.model), spec.gpu_mem_gb)
         if r.precision == "fp8":
-            out.problems.append("rollout.precision = fp8 with SGLang engines started by the launcher: SGLang "
-                                "must start on a block-FP8 checkpoint, which the trainer publishes only after "
-                                "it starts; launch FP8 engines yourself and attach with rollout.urls")
+            out.notes.append(f"FP8 rollout: a step on {plan.trainer_nodes[0]} writes bus version 0 (block FP8) from "
+                             f"{cfg.model.hf_path} into {cfg.bus.dir} before the engines start on it "
+                             f"(megatron_alp/sync/v0.py)")
         if r.sglang.router and spec.use_api_key:
             out.problems.append("rollout.sglang.router with the job's API key: the router does not forward it "
                                 "(see rollout/config.py); leave the router off (the trainer's fleet balances "
                                 "the engines itself) or run without a key on a private network (ALP_API_KEY=none)")
+    if on_gpus and precision == "fp8":
+        from .te_check import CHECKS
+
+        recipe = cfg.precision.fp8_recipe
+        if recipe not in CHECKS:
+            out.problems.append(f"precision.fp8_recipe = {recipe}: not a Transformer Engine recipe {sorted(CHECKS)}")
+        else:
+            out.notes.append(f"FP8 training ({recipe} recipe): each trainer node checks that Transformer Engine "
+                             f"imports and supports it before anything starts (launch/te_check.py)")
     if on_gpus:
         usable = HEADROOM * spec.gpu_mem_gb
         total = out.trainer_mem.total_gb
@@ -102,6 +111,9 @@ def check_job(spec: JobSpec) -> Checked:
                                 f"token sequence: raise rollout.sglang.tp_size or mem_fraction_static")
     if spec.check_paths:
         problems, warnings = check_paths(cfg, multi_node=len(spec.nodes) > 1)
+        out.problems += problems
+        out.warnings += warnings
+        problems, warnings = check_rollout_inputs(cfg)
         out.problems += problems
         out.warnings += warnings
     return out

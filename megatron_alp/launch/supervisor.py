@@ -12,13 +12,17 @@
    exits; then the SGLang router if configured.
 4. Start the trainer with one srun step over the trainer nodes (node.py trainer: torchrun).
 5. Watch: the first component to exit decides. The trainer finishing ends the job 0; the trainer
-   failing, or the engines exiting, ends it with a message naming the component and its exit code;
-   the others are stopped by their step ids (scancel --signal=TERM, then scancel).
+   failing, or the engines step exiting (with ``bus.on_engine_failure = drop``: every engine gone;
+   with ``stop``: any), ends it with a message naming the component and its exit code; the others
+   are stopped by their step ids (engines: ``scancel --signal=INT``; trainer: TERM; then scancel).
 6. SIGTERM/SIGINT to this process (``#SBATCH --signal=B:TERM@900`` before the time limit, or a
    preemption) is forwarded to the trainer step only, as SIGUSR2 (node.py turns it into SIGTERM for
    the trainer processes, sparing torchrun); the trainer checkpoints at its next step boundary and
-   exits (the engines stay up until then: the step needs them); the job then exits 143, or
-   requeues itself with ALP_REQUEUE=1. The next job resumes from ``latest``.
+   exits. A job-wide SIGTERM (preemption with GraceTime, ``scancel --full``, a drain) reaches every
+   step too: torchrun ignores it and the trainer processes checkpoint; the engine agents ignore it
+   and keep their servers up. From then on only the trainer's exit counts (an engine stopping is not
+   a failure); the engines are stopped after it. The job exits 143, or requeues itself with
+   ALP_REQUEUE=1 (the scripts carry ``#SBATCH --requeue``). The next job resumes from ``latest``.
 
 The engine-side model on a resumed run is the bus version of the trainer's latest checkpoint (when
 the disk bus still has it), so that attached engines and the resumed trainer agree from the first
@@ -40,6 +44,8 @@ import time
 import warnings
 from typing import Dict, List, Optional
 
+from rollout.bus.versions import version_dirname
+
 from . import srun
 from .engines_spec import build_engine_spec, engine_start_path, wait_healthy
 from .plan import Checked, JobSpec, add_job_args, check_job, render
@@ -60,6 +66,7 @@ class Step:
         logger.info("starting %s: %s", name, " ".join(cmd))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self._step: Optional[str] = None
+        self.ended = False
 
     def poll(self) -> Optional[int]:
         return self.proc.poll()
@@ -73,12 +80,12 @@ class Step:
         step = self.step_id()
         return bool(step) and srun.signal_step(step, sig)
 
-    def stop(self, grace_s: float) -> None:
-        """TERM the step, cancel it after ``grace_s``, and as a last resort end our srun client."""
+    def stop(self, grace_s: float, sig: str = "TERM") -> None:
+        """``sig`` to the step, cancel it after ``grace_s``, and as a last resort end our srun client."""
         if self.poll() is not None:
             return
         logger.info("stopping the %s (step %s)", self.name, self.step_id())
-        self.signal("TERM")
+        self.signal(sig)
         if self._wait(grace_s):
             return
         step = self.step_id()
@@ -120,7 +127,8 @@ class Supervisor:
                 rollout["sglang"] = {"router": False, "router_url": router_url}
             job_yaml["rollout"] = rollout
         t = self.c.plan
-        plan = {"engines": engines, "engine_gpus": t.gpu_slice("engines"), "trainer": {
+        plan = {"engines": engines, "engine_gpus": t.gpu_slice("engines"),
+                "on_engine_failure": self.c.cfg.bus.on_engine_failure, "trainer": {
             "nodes": t.trainer_nodes, "procs_per_node": t.procs_per_node, "master_addr": t.master_addr,
             "master_port": t.master_port, "gpus": t.gpu_slice("trainer"),
             "args": ["--config", os.path.join(self.job_dir, "job.yaml"), *self.args.overrides]}}
@@ -141,17 +149,27 @@ class Supervisor:
             if cfg.rollout.sglang.router and cfg.rollout.engine == "sglang" and p.mode != "attached":
                 router_url = f"http://{p.engine_host(p.rollout_nodes[0])}:{cfg.rollout.sglang.router_port}"
             model_path, version = engine_start_path(cfg)
-            python = self.args.step_python
-            engines = build_engine_spec(cfg, p, model_path, version, self.api_key, self.job_dir, python)
+            python, engine_python = self.args.step_python, self.args.engine_python or self.args.step_python
+            if cfg.precision.train == "fp8":  # Transformer Engine and the recipe, on every trainer node
+                self._run_step("te-check", p.trainer_nodes,
+                               [python, "-m", "megatron_alp.launch.te_check", cfg.precision.fp8_recipe])
+            if version == 0 and p.mode != "attached" and cfg.rollout.precision == "fp8":
+                # FP8 engines start on a block-FP8 checkpoint: version 0, written before they start.
+                self._run_step("v0", p.trainer_nodes[:1], [python, "-m", "megatron_alp.sync.v0", "--config",
+                                                           self.args.config, *self.args.overrides])
+                model_path = os.path.abspath(os.path.join(cfg.bus.dir, version_dirname(0)))
+                logger.info("engines start on bus version 0 (%s)", model_path)
+            engines = build_engine_spec(cfg, p, model_path, version, self.api_key, self.job_dir, engine_python)
             plan_path = self.write_files(engines, router_url)
             if p.mode != "attached":
                 self._start("engines", p.rollout_nodes,
-                            [python, "-m", "megatron_alp.launch.node", "engines", plan_path], None)
+                            [engine_python, "-m", "megatron_alp.launch.node", "engines", plan_path], None)
                 self._wait_healthy("engines", p.engine_urls)
                 if router_url:
                     from rollout.engines.sglang import router_command
 
                     cmd = router_command(cfg.rollout, p.engine_urls, host=p.engine_bind)
+                    cmd[0] = engine_python if cmd[0] == sys.executable else cmd[0]
                     self._start("router", p.rollout_nodes[:1], cmd, "none" if p.gpus_per_node else None)
                     self._wait_healthy("router", [router_url])
             else:
@@ -166,13 +184,28 @@ class Supervisor:
             return TERM_EXIT if self.term_at is not None else 1
         finally:
             for name in ("trainer", "router", "engines"):
-                if name in self.steps:
-                    self.steps[name].stop(30.0)  # a trainer still running here is failing or stuck
+                if name in self.steps:  # a trainer still running here is failing or stuck
+                    self.steps[name].stop(30.0, sig="INT" if name == "engines" else "TERM")
             logger.info("all components stopped; job folder: %s", self.job_dir)
 
+    def _run_step(self, name: str, nodes: List[str], cmd: List[str]) -> None:
+        """A preparatory step (trainer launcher, one task per node): wait for it; fail unless it exits 0."""
+        self._start(name, nodes, cmd, None)
+        step = self.steps.pop(name)
+        while step.poll() is None:
+            if self.term_at is not None:
+                step.stop(30.0)
+                raise Failure(f"stopped by a signal during the {name} step")
+            time.sleep(1.0)
+        if step.poll() != 0:
+            raise Failure(f"the {name} step exited with code {step.poll()} (its messages are above)")
+
     def _start(self, name: str, nodes: List[str], cmd: List[str], gres: Optional[str]) -> None:
-        self.steps[name] = Step(name, srun.srun_command(name, nodes, cmd, gres=gres, extra=self.args.srun_args),
-                                self.job_id)
+        # bus.on_engine_failure = drop: a node's engines failing must not end the other nodes' (node.py).
+        kill = name != "engines" or self.c.cfg.bus.on_engine_failure == "stop"
+        extra, prefix = srun.step_launcher("trainer" if name == "trainer" else "engine")
+        self.steps[name] = Step(name, srun.srun_command(name, nodes, prefix + cmd, gres=gres, extra=extra,
+                                                        kill_on_bad_exit=kill), self.job_id)
 
     def _wait_healthy(self, name: str, urls: List[str]) -> None:
         step = self.steps.get(name)  # None: engines we attach to (not ours to start)
@@ -207,14 +240,17 @@ class Supervisor:
             if rc is None and forwarded and time.monotonic() - self.term_at > self.args.stop_grace_s:
                 raise Failure(f"the trainer did not stop within {self.args.stop_grace_s:.0f} s of SIGTERM")
             if rc is not None:
-                if forwarded:
+                if forwarded or rc == TERM_EXIT:  # TERM_EXIT: a step-wide SIGTERM (preemption) stopped it
                     return self._after_term(rc)
                 if rc == 0:
                     logger.info("trainer finished (exit 0)")
                     return 0
                 raise Failure(f"the trainer exited with code {rc} (its traceback is above)")
-            for s in others:
-                if s.poll() is not None:
+            for s in others if self.term_at is None else []:  # after SIGTERM only the trainer decides
+                if s.poll() == 0 and not s.ended:  # its agents exit 0 only after a step-wide SIGTERM
+                    s.ended = True
+                    logger.warning("the %s step ended after a SIGTERM; waiting for the trainer", s.name)
+                elif s.poll() is not None and s.poll() != 0:
                     raise Failure(f"the {s.name} step exited with code {s.poll()} while the trainer was running "
                                   f"(its messages are above; logs in {self.job_dir}); stopping the trainer")
             time.sleep(1.0)
@@ -252,9 +288,11 @@ def main(argv=None) -> int:
     add_job_args(p)
     p.add_argument("--stop-grace-s", type=float, default=float(os.environ.get("ALP_STOP_GRACE_S", 600)),
                    help="how long the trainer may take to checkpoint after SIGTERM before its step is cancelled")
-    p.add_argument("--srun-args", default=os.environ.get("ALP_SRUN_ARGS", ""), help="extra srun options")
     p.add_argument("--step-python", default=os.environ.get("ALP_STEP_PYTHON") or sys.executable,
-                   help="Python of the srun steps (default: this one; a container's may differ)")
+                   help="Python of the trainer step (default: this one; a container's may differ)")
+    p.add_argument("--engine-python", default=os.environ.get("ALP_ENGINE_PYTHON"),
+                   help="Python of the engine step and of SGLang unless rollout.sglang.python is set "
+                        "(default: the trainer step's)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [alp-launch] %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its import-time notes are not ours

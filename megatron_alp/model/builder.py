@@ -13,7 +13,7 @@ from .vocab import padded_vocab_size
 logger = logging.getLogger(__name__)
 
 
-def build_gpt_model(model, parallel, precision, block_spec=None, transformer_config=None, **gpt_kwargs):
+def build_gpt_model(model_cfg, parallel, precision, block_spec=None, transformer_config=None, **gpt_kwargs):
     """The GPTModel chunk of this pipeline stage (parallel state must be initialised).
 
     ``block_spec`` is a function ``TransformerConfig -> TransformerBlockSubmodules``; it defaults
@@ -22,30 +22,25 @@ def build_gpt_model(model, parallel, precision, block_spec=None, transformer_con
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config or to_transformer_config(model, parallel, precision)
-    spec = block_spec(config) if block_spec is not None else stock_block_spec(model, config)
+    config = transformer_config or to_transformer_config(model_cfg, parallel, precision)
+    spec = block_spec(config) if block_spec is not None else stock_block_spec(model_cfg, config)
     tp = ps.get_tensor_model_parallel_world_size()
     kwargs = dict(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp),
-        max_sequence_length=model.max_position_embeddings,
+        vocab_size=padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
+        max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         parallel_output=True,
-        share_embeddings_and_output_weights=model.tie_embeddings,
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(model.rope_theta),
-        rope_scaling=model.rope_scaling_factor is not None,
-        rope_scaling_factor=model.rope_scaling_factor or 8.0,
+        rotary_base=int(model_cfg.rope_theta),
+        rope_scaling=model_cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,
     )
     kwargs.update(gpt_kwargs)
     gpt = GPTModel(**kwargs)
     if torch.cuda.is_available():
         gpt.cuda()
     return gpt
-
-
-def causal_attention_mask(seq_len: int, device=None) -> torch.Tensor:
-    """Megatron's boolean mask convention: True = masked out, shape [1, 1, s, s]."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]

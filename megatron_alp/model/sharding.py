@@ -27,6 +27,13 @@ _LAYER_RE = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _layer_offsets(model) -> Dict[int, int]:
     """local layer index -> global (0-based) layer index for this pipeline chunk."""
     layers = getattr(getattr(model, "decoder", None), "layers", [])
@@ -84,6 +91,24 @@ def unshard(shards, p, stride: Optional[int] = None) -> torch.Tensor:
     return torch.cat([torch.cat([rb[b] for rb in per_rank_blocks], dim=dim) for b in range(stride)], dim=dim)
 
 
+def unshard_gathered(buf: torch.Tensor, p) -> torch.Tensor:
+    """:func:`unshard` of the TP ranks' shards stacked in one buffer ``[tp, *shard]`` (what
+    :func:`gather_full` all-gathers into), with at most one copy: the peak is the buffer plus the
+    full tensor (2x the parameter), and for row-parallel-in-dim-0 weights without stride the buffer
+    *is* the full tensor (1x). Stacking the shards in a list and concatenating block by block, as
+    :func:`unshard` does, holds three copies at its peak."""
+    size, shape = buf.shape[0], buf.shape[1:]
+    dim = p.partition_dim
+    stride = getattr(p, "partition_stride", 1)
+    if dim == 0 and stride == 1:
+        return buf.view(size * shape[0], *shape[1:])
+    chunk = shape[dim] // stride
+    # [tp, pre..., stride, chunk, post...] -> [pre..., stride, tp, chunk, post...]: block b of every rank
+    x = buf.view(size, *shape[:dim], stride, chunk, *shape[dim + 1:])
+    order = [*range(1, dim + 1), dim + 1, 0, *range(dim + 2, x.dim())]
+    return x.permute(order).reshape(*shape[:dim], stride * size * chunk, *shape[dim + 1:])
+
+
 @torch.no_grad()
 def load_full_state_dict(model, full: Dict[str, torch.Tensor], strict: bool = True):
     """Copy full tensors into this rank's shards. Names are full names (global layer indices)."""
@@ -123,9 +148,9 @@ def gather_full(name: str, p: torch.Tensor, vocab_size: Optional[int] = None, tp
         group = tp_group if tp_group is not None else ps.get_tensor_model_parallel_group()
         size = dist.get_world_size(group)
         if size > 1:
-            shards = [torch.empty_like(t) for _ in range(size)]
-            dist.all_gather(shards, t.contiguous(), group=group)
-            t = unshard(shards, meta)
+            buf = torch.empty((size, *t.shape), dtype=t.dtype, device=t.device)
+            dist.all_gather(list(buf.unbind(0)), t.contiguous(), group=group)  # into one buffer
+            t = unshard_gathered(buf, meta)
     if name in _VOCAB_PARAMS and vocab_size is not None:
         t = t.narrow(getattr(meta, "partition_dim", 0), 0, vocab_size)
     return t

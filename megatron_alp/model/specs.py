@@ -21,7 +21,7 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def stock_layer_spec(model, use_te: bool | None = None):
+def stock_layer_spec(model_cfg, use_te: bool | None = None):
     """The stock GPT layer spec for our model section (RMSNorm, SwiGLU, optional QK-norm)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -31,8 +31,8 @@ def stock_layer_spec(model, use_te: bool | None = None):
     if use_te is None:
         use_te = torch.cuda.is_available() and have_transformer_engine()
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
     return _with_sp_capable_norms(spec)
 
 
@@ -75,7 +75,7 @@ def final_norm_spec(use_te: bool | None = None):
     return RMSNorm
 
 
-def stock_block_spec(model, config, layer_spec=None, vp_stage=None):
+def stock_block_spec(model_cfg, config, layer_spec=None, vp_stage=None):
     """A ``TransformerBlockSubmodules`` for this pipeline stage: one layer spec per local layer.
 
     ``layer_spec`` may be a single spec or a function ``global_layer_index -> spec`` (ALP perturbs
@@ -85,7 +85,7 @@ def stock_block_spec(model, config, layer_spec=None, vp_stage=None):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    layer_spec = layer_spec if layer_spec is not None else stock_layer_spec(model)
+    layer_spec = layer_spec if layer_spec is not None else stock_layer_spec(model_cfg)
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=ps.get_pipeline_model_parallel_rank())
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     from megatron.core.transformer.spec_utils import ModuleSpec

@@ -97,6 +97,60 @@ def _check_target(target: torch.Tensor, vocab_size: int, padded: int) -> None:
     )
 
 
+def _shard_sums(zr: torch.Tensor, chunk_size: Optional[int], inv_t: float, m_loc: torch.Tensor,
+                sum_exp: torch.Tensor, sum_px: Optional[torch.Tensor]) -> None:
+    """Fill, in place and chunk by chunk, this shard's per-token max ``m_loc`` (raw logit units),
+    ``sum_exp`` = sum_j exp(x_j) and (when given) ``sum_px`` = sum_j exp(x_j) x_j, with
+    x = (z - max) / T over the real columns ``zr`` [tokens, n_real]."""
+    n, n_real = zr.shape
+    cdt, dev, with_entropy = m_loc.dtype, zr.device, sum_px is not None
+    rows = _rows_per_chunk(n, n_real, chunk_size, 2 if with_entropy else 1, dev)
+    buf = torch.empty(rows, n_real, dtype=cdt, device=dev)
+    ebuf = torch.empty(rows, n_real, dtype=cdt, device=dev) if with_entropy else None
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        zc, w = zr[i0:i1], buf[: i1 - i0]
+        if zc.dtype != cdt:
+            # Upcast with copy_ first: a mixed-dtype op would allocate a hidden converted
+            # temporary per call, and the bf16 max is ~3x slower than the fp32 one on CPU.
+            zc = w.copy_(zc)
+        m = zc.amax(dim=1)
+        m_loc[i0:i1] = m
+        torch.sub(zc, m.unsqueeze(1), out=w)
+        if inv_t != 1.0:
+            w.mul_(inv_t)
+        if with_entropy:
+            e = ebuf[: i1 - i0]
+            torch.exp(w, out=e)
+            sum_exp[i0:i1] = e.sum(dim=1)
+            # sum_j e_j x_j, in place in e (bmm / einsum were 10x slower on CPU for > 1 row).
+            sum_px[i0:i1] = e.mul_(w).sum(dim=1)
+        else:
+            w.exp_()
+            sum_exp[i0:i1] = w.sum(dim=1)
+
+
+def _reduce_over_tp(m_loc, sum_exp, sum_px, z_tgt, on_shard, inv_t: float, tp_group):
+    """(global max, sum_exp, x at the target, sum_px) over the TP group.
+
+    Megatron's pattern (cross_entropy.py): all-reduce the max, then the sums. Here the sums were
+    taken against the local max in one pass, so they are rescaled to the global max first, and
+    everything goes in one SUM all-reduce of [3, tokens].
+    """
+    m_glob = m_loc.clone()
+    dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=tp_group)
+    has = sum_exp > 0  # False on a shard that is all padding (m_loc = -inf)
+    d = torch.where(has, (m_loc - m_glob) * inv_t, torch.zeros_like(m_loc))  # <= 0
+    scale = torch.exp(d)
+    parts = [sum_exp * scale, torch.where(on_shard, z_tgt - m_glob, z_tgt)]
+    if sum_px is not None:
+        # sum_j e^{x_j + d} (x_j + d) = scale * (sum_px + d * sum_exp) over this shard.
+        parts.append(scale * (sum_px + d * sum_exp))
+    stacked = torch.stack(parts)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=tp_group)
+    return m_glob, stacked[0], stacked[1] * inv_t, (stacked[2] if sum_px is not None else None)
+
+
 class _VocabParallelLogprob(torch.autograd.Function):
     """Forward: (logprob, entropy or None); backward: grad w.r.t. the logits shard."""
 
@@ -132,52 +186,12 @@ class _VocabParallelLogprob(torch.autograd.Function):
         if n_real > 0 and n > 0:
             zr = z[:, :n_real]
             z_tgt = torch.where(on_shard, zr.gather(1, t_idx.unsqueeze(1)).squeeze(1).to(cdt), z_tgt)
-            rows = _rows_per_chunk(n, n_real, chunk_size, 2 if with_entropy else 1, dev)
-            buf = torch.empty(rows, n_real, dtype=cdt, device=dev)
-            ebuf = torch.empty(rows, n_real, dtype=cdt, device=dev) if with_entropy else None
-            for i0 in range(0, n, rows):
-                i1 = min(n, i0 + rows)
-                zc, w = zr[i0:i1], buf[: i1 - i0]
-                if zc.dtype != cdt:
-                    # Upcast with copy_ first: a mixed-dtype op would allocate a hidden converted
-                    # temporary per call, and the bf16 max is ~3x slower than the fp32 one on CPU.
-                    zc = w.copy_(zc)
-                m = zc.amax(dim=1)
-                m_loc[i0:i1] = m
-                torch.sub(zc, m.unsqueeze(1), out=w)
-                if inv_t != 1.0:
-                    w.mul_(inv_t)
-                if with_entropy:
-                    e = ebuf[: i1 - i0]
-                    torch.exp(w, out=e)
-                    sum_exp[i0:i1] = e.sum(dim=1)
-                    # sum_j e_j x_j, in place in e (bmm / einsum were 10x slower on CPU for > 1 row).
-                    sum_px[i0:i1] = e.mul_(w).sum(dim=1)
-                else:
-                    w.exp_()
-                    sum_exp[i0:i1] = w.sum(dim=1)
-            del buf, ebuf
+            _shard_sums(zr, chunk_size, inv_t, m_loc, sum_exp, sum_px)
 
-        m_glob = m_loc
         if world > 1:
-            # Megatron's pattern (cross_entropy.py): all-reduce the max, then the sums. Here the sums
-            # were taken against the local max in one pass, so they are rescaled to the global max
-            # first, and everything goes in one SUM all-reduce of [3, tokens].
-            m_glob = m_loc.clone()
-            dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=tp_group)
-            has = sum_exp > 0  # False on a shard that is all padding (m_loc = -inf)
-            d = torch.where(has, (m_loc - m_glob) * inv_t, torch.zeros_like(m_loc))  # <= 0
-            scale = torch.exp(d)
-            parts = [sum_exp * scale, torch.where(on_shard, z_tgt - m_glob, z_tgt)]
-            if with_entropy:
-                # sum_j e^{x_j + d} (x_j + d) = scale * (sum_px + d * sum_exp) over this shard.
-                parts.append(scale * (sum_px + d * sum_exp))
-            stacked = torch.stack(parts)
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=tp_group)
-            sum_exp, x_tgt = stacked[0], stacked[1] * inv_t
-            sum_px = stacked[2] if with_entropy else None
+            m_glob, sum_exp, x_tgt, sum_px = _reduce_over_tp(m_loc, sum_exp, sum_px, z_tgt, on_shard, inv_t, tp_group)
         else:
-            x_tgt = (z_tgt - m_glob) * inv_t
+            m_glob, x_tgt = m_loc, (z_tgt - m_loc) * inv_t
 
         log_z = torch.log(sum_exp)  # log-sum-exp minus the (scaled) max
         logprob = x_tgt - log_z

@@ -30,8 +30,8 @@ class Layout:
     world_size: int
 
 
-def validate_layout(parallel, world_size: int, model=None) -> Layout:
-    """Check a parallel config section against the world size (and the model, when given).
+def validate_layout(parallel, world_size: int, model_cfg=None) -> Layout:
+    """Check a parallel config section against the world size (and the model section, when given).
 
     ``parallel`` is a :class:`megatron_alp.config.schema.ParallelConfig` (or anything with the
     fields ``tp``, ``pp``, ``cp``, ``sequence_parallel`` and optionally ``dp``). Raises
@@ -55,22 +55,26 @@ def validate_layout(parallel, world_size: int, model=None) -> Layout:
         )
     if parallel.sequence_parallel and tp == 1:
         raise ValueError("parallel.sequence_parallel needs parallel.tp > 1 (got tp = 1)")
-    if model is not None:
-        if model.num_attention_heads % tp:
+    if model_cfg is not None:
+        if model_cfg.num_attention_heads % tp:
             raise ValueError(
-                f"model.num_attention_heads = {model.num_attention_heads} is not divisible by parallel.tp = {tp}"
+                f"model.num_attention_heads = {model_cfg.num_attention_heads} is not divisible by parallel.tp = {tp}"
             )
-        groups = model.num_query_groups or model.num_attention_heads
+        groups = model_cfg.num_query_groups or model_cfg.num_attention_heads
         if groups % tp:
             raise ValueError(f"model.num_query_groups = {groups} is not divisible by parallel.tp = {tp}")
-        if model.num_layers % pp:
-            raise ValueError(f"model.num_layers = {model.num_layers} is not divisible by parallel.pp = {pp}")
-        if model.ffn_hidden_size % tp:
-            raise ValueError(f"model.ffn_hidden_size = {model.ffn_hidden_size} is not divisible by parallel.tp = {tp}")
+        if model_cfg.num_layers % pp:
+            raise ValueError(f"model.num_layers = {model_cfg.num_layers} is not divisible by parallel.pp = {pp}")
+        if model_cfg.ffn_hidden_size % tp:
+            raise ValueError(f"model.ffn_hidden_size = {model_cfg.ffn_hidden_size} is not divisible by parallel.tp = {tp}")
     return Layout(tp=tp, pp=pp, cp=cp, dp=dp, sp=bool(parallel.sequence_parallel), world_size=world_size)
 
 
-def init_distributed(timeout_minutes: int = 10) -> None:
+DEFAULT_PG_TIMEOUT_MINUTES = 30.0
+"""Timeout of the trainer's collectives when no config says otherwise (``parallel.pg_timeout_minutes``)."""
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_PG_TIMEOUT_MINUTES) -> None:
     """Initialise the default process group from the torchrun environment (idempotent).
 
     Without ``WORLD_SIZE`` in the environment a single-process group is created on a free local
@@ -96,7 +100,26 @@ def init_distributed(timeout_minutes: int = 10) -> None:
     logger.info("torch.distributed up: backend=%s rank=%d world=%d", backend, dist.get_rank(), dist.get_world_size())
 
 
-def init_parallel_state(parallel, model=None, seed: Optional[int] = None) -> Layout:
+_HANDOVER: dict = {}
+
+
+def handover_group(timeout_minutes: float):
+    """A gloo group of all ranks with its own (long) timeout, for waits on rank 0's rollout.
+
+    Every rank but 0 waits in ``broadcast_object_list`` while rank 0 rolls out; a long-CoT or
+    multi-turn rollout takes longer than a collective should ever take inside a training step, so the
+    wait runs on this group (``run.rollout_timeout_minutes``, CPU only: no NCCL watchdog) while the
+    default group keeps ``parallel.pg_timeout_minutes`` to catch real hangs. slime-based scripts
+    raise the one global timeout to 60-120 min instead; a separate group keeps both checks.
+    Created once per process (every rank must call this the same number of times).
+    """
+    if "group" not in _HANDOVER:
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        _HANDOVER["group"] = dist.new_group(backend="gloo", timeout=timeout)
+    return _HANDOVER["group"]
+
+
+def init_parallel_state(parallel, model_cfg=None, seed: Optional[int] = None) -> Layout:
     """Validate the layout, then create Megatron's parallel groups (and seed the RNG tracker).
 
     Re-initialising with another layout in the same process is allowed (the groups are destroyed
@@ -104,8 +127,9 @@ def init_parallel_state(parallel, model=None, seed: Optional[int] = None) -> Lay
     """
     from megatron.core import parallel_state as ps
 
-    init_distributed()
-    layout = validate_layout(parallel, dist.get_world_size(), model)
+    timeout = getattr(parallel, "pg_timeout_minutes", DEFAULT_PG_TIMEOUT_MINUTES)
+    init_distributed(timeout)
+    layout = validate_layout(parallel, dist.get_world_size(), model_cfg)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -114,6 +138,7 @@ def init_parallel_state(parallel, model=None, seed: Optional[int] = None) -> Lay
         context_parallel_size=layout.cp,
         # On CPU every group is gloo already; on GPU the extra gloo groups serve the distributed optimizer.
         create_gloo_process_groups=torch.cuda.is_available(),
+        distributed_timeout_minutes=timeout,  # Megatron only builds a timedelta from it
     )
     if seed is not None:
         from .rng import model_parallel_seed

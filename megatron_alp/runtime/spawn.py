@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue as queue_mod
 import socket
+import time
 import traceback
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -28,6 +30,7 @@ def free_port() -> int:
 
 
 def _worker(fn, rank, world_size, port, args, queue, env):
+    os.environ.clear()
     os.environ.update(env)
     os.environ.update(
         {
@@ -81,10 +84,11 @@ def run_world(
     (usually through :func:`megatron_alp.runtime.distributed.init_distributed`). Returns the list of
     per-rank return values, ordered by rank.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    child_env = child_environment(env)
+    # The caller's whole current environment (a forkserver child would otherwise see the server's).
+    child_env = {**os.environ, **child_environment(env)}
     procs = [
         ctx.Process(target=_worker, args=(fn, r, world_size, port, tuple(args), queue, child_env), daemon=True)
         for r in range(world_size)
@@ -93,48 +97,78 @@ def run_world(
         p.start()
     results: dict = {}
     errors: dict = {}
-    import queue as queue_mod
-    import time
-
-    deadline = time.monotonic() + timeout
-    timed_out = False
+    failed_fast = True
     try:
-        while len(results) + len(errors) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                raise TimeoutError(
-                    f"spawned world of {world_size} did not finish within {timeout:.0f} s; "
-                    f"finished ranks: {sorted(results)}, failed ranks: {sorted(errors)}"
-                    + "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-                )
-            try:
-                rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
-            except queue_mod.Empty:
-                dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in results and i not in errors]
-                # A process that died without reporting (segfault, OOM kill) ends the world.
-                if dead and all(p.exitcode not in (0, None) for i, p in enumerate(procs) if i in dead):
-                    time.sleep(0.5)
-                    if queue.empty():
-                        raise WorkerError(
-                            f"rank(s) {dead} died without a result (exit codes "
-                            f"{[procs[i].exitcode for i in dead]})"
-                        )
-                continue
-            if ok:
-                results[rank] = pickle.loads(payload)
-            else:
-                errors[rank] = payload
-                # One failed rank usually leaves the others blocked in a collective: stop now.
-                break
+        _collect(queue, procs, timeout, results, errors)
+        failed_fast = bool(errors)
     finally:
-        for p in procs:
-            p.join(timeout=0.5 if (errors or timed_out) else 5)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        _stop(procs, hurry=failed_fast)
     if errors:
         rank = min(errors)
         raise WorkerError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
-    return [results[r] for r in range(world_size)]
+    return [results[r] for r in range(len(procs))]
+
+
+# Imported once by the forkserver; every world's processes are forked from it with these loaded,
+# instead of importing torch and Megatron-Core again (10-20 s per world on a loaded 2-core box).
+PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state", "megatron.core.models.gpt",
+           "megatron.core.optimizer", "megatron.core.distributed", "megatron.core.pipeline_parallel",
+           "megatron_alp.model.builder", "megatron_alp.runtime.distributed")
+
+
+def _context():
+    """Where world processes come from: a forkserver with :data:`PRELOAD` imported (Linux without an
+    NVIDIA GPU), or ``spawn`` (elsewhere, or with ``MEGATRON_ALP_START_METHOD=spawn``). Neither
+    inherits the caller's threads or state: the forkserver never runs a torch op. With a GPU the
+    imports may touch the CUDA driver (``torch.cuda.is_available()``), which a fork must not
+    inherit, so GPU machines spawn."""
+    default = "spawn" if os.path.exists("/dev/nvidiactl") else "forkserver"
+    method = os.environ.get("MEGATRON_ALP_START_METHOD", default)
+    if method not in mp.get_all_start_methods():
+        method = "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
+
+
+def _collect(queue, procs, timeout: float, results: dict, errors: dict) -> None:
+    """Fill ``results`` / ``errors`` (rank -> value / traceback) until every rank reported, one
+    failed (the others are usually blocked in a collective), one died silently, or time is up."""
+    world_size = len(procs)
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(
+                f"spawned world of {world_size} did not finish within {timeout:.0f} s; "
+                f"finished ranks: {sorted(results)}, failed ranks: {sorted(errors)}"
+                + "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            )
+        try:
+            rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
+        except queue_mod.Empty:
+            _check_silent_deaths(queue, procs, results, errors)
+            continue
+        if not ok:
+            errors[rank] = payload
+            return
+        results[rank] = pickle.loads(payload)
+
+
+def _check_silent_deaths(queue, procs, results: dict, errors: dict) -> None:
+    """A process that died without reporting (segfault, OOM kill) ends the world."""
+    dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in results and i not in errors]
+    if dead and all(procs[i].exitcode not in (0, None) for i in dead):
+        time.sleep(0.5)  # grace for a report still in the queue's pipe
+        if queue.empty():
+            raise WorkerError(f"rank(s) {dead} died without a result (exit codes {[procs[i].exitcode for i in dead]})")
+
+
+def _stop(procs, hurry: bool) -> None:
+    for p in procs:
+        p.join(timeout=0.5 if hurry else 5)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)

@@ -1,68 +1,14 @@
-"""Megatron shards -> HF-named full tensors, one parameter at a time, in buckets.
-
-Who does what (collective over each TP group; data-parallel replicas hold the same weights):
-
-- ranks with DP rank 0 (context-parallel rank 0 included) *export*: for each parameter of their
-  model chunks, in order, every TP rank takes part in :func:`gather_full` (an all-gather over TP
-  that also strips the padded vocabulary rows); TP rank 0 then maps the full tensor to its HF
-  tensors with the converter's :class:`~megatron_alp.convert.mapping.WeightMap` (QKV
-  de-interleave, gate/up split, tied output layer and ALP's sigma left out) and yields them;
-- other DP replicas export nothing.
-
-So a rank holds at most one full parameter plus one bucket, never the whole model: each pipeline
-stage exports its own layers (global layer indices) and the caller decides where they go (disk
-shards per stage, or a broadcast group per stage; see :mod:`megatron_alp.sync.publish`).
-"""
+"""The bus's export: HF-named tensors (:mod:`megatron_alp.convert.hf_export`) in the rollout
+precision, grouped in buckets of bounded size (see :mod:`megatron_alp.sync.publish`)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import torch
 
-from ..convert.mapping import WeightMap
-from ..model.alp.params import is_alp_param
-from ..model.sharding import gather_full, named_global_parameters
-
 # Rollout precision -> dtype of the exported tensors (fp8: bf16 plus FP8 linear weights).
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
-
-
-def unwrap(chunk):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
-def export_role():
-    """(exports, writes): whether this rank takes part in the TP gathers, and whether it yields."""
-    from megatron.core import parallel_state as ps
-
-    exports = ps.get_data_parallel_rank(with_context_parallel=True) == 0
-    return exports, exports and ps.get_tensor_model_parallel_rank() == 0
-
-
-@torch.no_grad()
-def iter_hf_tensors(model_chunks: Sequence, weight_map: WeightMap, vocab_size: int,
-                    dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for this pipeline stage's parameters (see module docstring).
-
-    Must be iterated to the end on every rank that exports (the TP gathers are collective); it
-    yields only on the writing rank. ``dtype`` casts the yielded tensors (None: as trained).
-    """
-    exports, writes = export_role()
-    if not exports:
-        return
-    for chunk in model_chunks:
-        for full_name, p in named_global_parameters(unwrap(chunk)):
-            if is_alp_param(full_name, p):
-                continue  # trainer-only, and identical on every TP rank: no gather needed
-            full = gather_full(full_name, p, vocab_size)
-            if not writes:
-                continue
-            for hf_name, t in weight_map.megatron_to_hf(full_name, full, p):
-                yield hf_name, (t.to(dtype) if dtype is not None and t.dtype != dtype else t)
 
 
 def buckets(named: Iterable[Tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[List[Tuple[str, torch.Tensor]]]:

@@ -1,6 +1,6 @@
 """The trainer's side of the checkpoint bus: ``publish`` on every rank, ``commit`` on the driver.
 
-    publisher = make_publisher(cfg)                      # every rank, once
+    publisher = Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision)  # every rank, once
     pub = publisher.publish(version, model_chunks,        # every rank (collective)
                             fleet=fleet if rank == 0 else None)
     if rank == 0:
@@ -8,9 +8,10 @@
 
 disk: rank 0 stages a temporary version directory and broadcasts its path; each pipeline stage's
 exporting TP-rank-0 streams its own layers into ``model-pp<stage>-NNNNN.safetensors`` shards there
-(one bucket in memory at a time) plus a part manifest; after every rank reported (an
-all-gather of errors), rank 0 merges the parts, writes index/config.json/tokenizer/manifest,
-optionally re-verifies every checksum, and renames the directory into place (atomic). The engines
+(a full bucket is written on a writer thread while the next one is gathered) plus a part manifest,
+then (``bus.verify``) re-reads and checks its own shards, every stage in parallel; after every
+rank reported (an all-gather of errors), rank 0 merges the parts, requiring each stage's by name,
+writes index/config.json/tokenizer/manifest, and renames the directory into place (atomic). The engines
 load it in ``commit``. A failure anywhere aborts the staged directory on every rank.
 
 nccl / tensor: rank 0 pauses the fleet and opens a weight-update session on each engine, then
@@ -23,20 +24,23 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
-from rollout.bus.disk import DiskBus, hash_pool, version_dirname
+from rollout.bus.address import node_address
+from rollout.bus.disk import DiskBus, hash_pool, verify_part
 from rollout.bus.fp8 import QUANTIZATION_CONFIG, quantize_named
 from rollout.bus.manifest import BusError, Manifest
 
 from ..convert.hf_config import hf_config_for_export, read_hf_config
+from ..convert.hf_export import export_role, iter_hf_tensors
 from ..convert.mapping import WeightMap
-from .export import EXPORT_DTYPES, buckets, export_role, iter_hf_tensors
+from .export import EXPORT_DTYPES, buckets
+from .order import exporter_ranks, order_group, send_in_order
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,19 @@ class Published:
                 "bus/publish_GBps": self.bytes / max(self.seconds, 1e-9) / 1e9}
 
 
+def export_config(model, precision: str, hf_dir: Optional[str] = None) -> Dict[str, Any]:
+    """config.json of a published version: the source checkpoint's (``hf_dir``, default
+    ``model.hf_path``; else one built from the model section) with the export dtype and, for FP8,
+    the block-FP8 ``quantization_config`` (the trainer's versions and version 0 of sync/v0.py)."""
+    src = hf_dir or model.hf_path
+    source = read_hf_config(src) if src and os.path.isfile(os.path.join(src, "config.json")) else None
+    cfg = hf_config_for_export(model, EXPORT_DTYPES[precision], source)
+    cfg.pop("quantization_config", None)
+    if precision == "fp8":
+        cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    return cfg
+
+
 def _bcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -79,16 +96,16 @@ def _gather(obj: Any) -> List[Any]:
 class Publisher:
     """Publishes a Megatron model's weights as bus versions (see the module docstring)."""
 
-    def __init__(self, bus, model, *, precision: str = "fp32", hf_config: Optional[Dict[str, Any]] = None,
+    def __init__(self, bus, model_cfg, *, precision: str = "fp32", hf_config: Optional[Dict[str, Any]] = None,
                  tokenizer_dir: Optional[str] = None, pause_mode: str = "abort"):
         if precision not in EXPORT_DTYPES:
             raise ValueError(f"rollout precision must be one of {sorted(EXPORT_DTYPES)}, got {precision!r}")
-        self.cfg, self.model = bus, model
+        self.bus, self.model_cfg = bus, model_cfg
         self.precision = precision
         self.dtype = EXPORT_DTYPES[precision]
-        self.weight_map = WeightMap.for_model(model.family, model)
+        self.weight_map = WeightMap.for_model(model_cfg.family, model_cfg)
         self.bucket_bytes = int(bus.bucket_mb) * 2 ** 20
-        self.tokenizer_dir = tokenizer_dir or model.hf_path
+        self.tokenizer_dir = tokenizer_dir or model_cfg.hf_path
         self._hf_config = hf_config
         self.pause_mode = pause_mode  # how the fleet pauses generation for an update (rollout.span_policy)
         self.disk = (DiskBus(bus.dir, bus.keep, fsync=bus.fsync, checksum=bus.checksum)
@@ -100,36 +117,55 @@ class Publisher:
         self._sender = None
         self._sender_key: Optional[Tuple] = None
         self._generation = 0
+        self._cleaned = False
+        self._order: Optional[Tuple] = None  # (the exporting ranks' gloo group or None,), made once
 
     # -- helpers -------------------------------------------------------------------------------
-    def engine_model_path(self, version: int) -> str:
-        """The directory of a disk version (engines can be launched on it)."""
-        return os.path.join(os.path.abspath(self.cfg.dir), version_dirname(version))
-
     def hf_config(self) -> Dict[str, Any]:
         """config.json of a published version: the source's (or one built from the model section),
         with the export dtype and, for FP8, the block-FP8 ``quantization_config``."""
         if self._hf_config is None:
-            src = self.model.hf_path
-            source = read_hf_config(src) if src and os.path.isfile(os.path.join(src, "config.json")) else None
-            self._hf_config = hf_config_for_export(self.model, self.dtype, source)
-        cfg = dict(self._hf_config)
-        cfg.pop("quantization_config", None)
-        if self.precision == "fp8":
-            cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
-        return cfg
+            self._hf_config = export_config(self.model_cfg, self.precision)
+        return dict(self._hf_config)
 
     def _tensors(self, model_chunks):
-        named = iter_hf_tensors(model_chunks, self.weight_map, self.model.vocab_size)
+        named = iter_hf_tensors(model_chunks, self.weight_map, self.model_cfg.vocab_size)
         if self.precision == "fp8":
             return quantize_named(named, other_dtype=self.dtype)
         return ((n, t.to(self.dtype)) for n, t in named)
+
+    @staticmethod
+    def _stage_parts() -> List[str]:
+        """The part every pipeline stage's writer leaves (finalize requires each by name)."""
+        from megatron.core import parallel_state as ps
+
+        return [f"pp{s}" for s in range(ps.get_pipeline_model_parallel_world_size())]
 
     @staticmethod
     def _stage() -> int:
         from megatron.core import parallel_state as ps
 
         return ps.get_pipeline_model_parallel_rank()
+
+    def prepublished_v0(self) -> Optional[Published]:
+        """Collective: version 0 as written before the engines started (:mod:`.v0`, the launcher's
+        FP8 path), when the bus holds exactly that; None otherwise (then :meth:`publish` it)."""
+        found = None
+        if self.disk is not None and dist.get_rank() == 0:
+            from .v0 import prepublished
+
+            found = prepublished(self.disk, self.precision)
+        if _bcast(found) is None:
+            return None
+        manifest = None
+        if dist.get_rank() == 0:
+            from rollout.bus.manifest import read_manifest
+
+            manifest = read_manifest(self.disk.path(0))
+            logger.info("bus: version 0 found published before the engines started (%s, %.1f MB): committing it",
+                        self.precision, manifest.total_bytes / 1e6)
+        return Published(0, "disk", path=self.disk.path(0), manifest=manifest,
+                         bytes=manifest.total_bytes if manifest else 0)
 
     # -- publish -------------------------------------------------------------------------------
     def publish(self, version: int, model_chunks, *, fleet=None, rewind: bool = False) -> Published:
@@ -138,20 +174,46 @@ class Publisher:
         ``rewind=True`` (after resuming from a checkpoint) first removes disk versions >= ``version``.
         """
         t0 = time.perf_counter()
-        if self.cfg.backend == "disk":
+        if self.bus.backend == "disk":
             pub = self._publish_disk(int(version), model_chunks, rewind)
         else:
             pub = self._publish_stream(int(version), model_chunks, fleet)
         pub.seconds = time.perf_counter() - t0
         if dist.get_rank() == 0:
-            logger.info("bus: version %d exported (%s, %.1f MB in %.2f s)", version, self.cfg.backend,
+            logger.info("bus: version %d exported (%s, %.1f MB in %.2f s)", version, self.bus.backend,
                         pub.bytes / 1e6, pub.seconds)
         return pub
+
+    def _write_stage(self, version: int, model_chunks, staged: str) -> Tuple[Optional[str], int]:
+        """This rank's part of a disk publication: (error or None, bytes written). Every exporting rank
+        takes part in the TP gathers; a stage's writer streams its shards and verifies them."""
+        nbytes = 0
+        try:
+            tensors = self._tensors(model_chunks)
+            if not export_role()[1]:
+                for _ in tensors:  # take part in the TP gathers
+                    pass
+                return None, 0
+            with hash_pool() as pool:
+                writer = self.disk.writer(staged, f"pp{self._stage()}", self.bucket_bytes, pool)
+                for name, t in tensors:
+                    writer.add(name, t)
+                    nbytes += t.numel() * t.element_size()
+                entries, _ = writer.close()
+                if self.bus.verify:  # each stage re-reads its own shards, all stages at once
+                    verify_part(staged, entries, self.disk.checksum, pool)
+            return None, nbytes
+        except Exception as e:
+            logger.exception("bus: export of version %d failed on this rank", version)
+            return f"rank {dist.get_rank()}: {type(e).__name__}: {e}", nbytes
 
     def _publish_disk(self, version: int, model_chunks, rewind: bool) -> Published:
         head: Tuple[str, str] = ("error", "")
         if dist.get_rank() == 0:
             try:
+                if not self._cleaned:  # a publication that crashed in an earlier run
+                    self.disk.remove_stale()
+                    self._cleaned = True
                 if rewind:
                     self.disk.rewind(version)
                 head = ("ok", self.disk.stage(version))
@@ -160,23 +222,7 @@ class Publisher:
         status, staged = _bcast(head)
         if status != "ok":
             raise PublishError(f"version {version}: {staged}")
-        err, nbytes = None, 0
-        try:
-            tensors = self._tensors(model_chunks)
-            if export_role()[1]:
-                with hash_pool() as pool:
-                    writer = self.disk.writer(staged, f"pp{self._stage()}", self.bucket_bytes, pool)
-                    for name, t in tensors:
-                        writer.add(name, t)
-                        nbytes += t.numel() * t.element_size()
-                    writer.close()
-            else:
-                for _ in tensors:  # take part in the TP gathers
-                    pass
-        except Exception as e:
-            logger.exception("bus: export of version %d failed on this rank", version)
-            err = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
-        reports = _gather((err, nbytes))
+        reports = _gather(self._write_stage(version, model_chunks, staged))
         errors = [e for e, _ in reports if e]
         manifest = None
         if dist.get_rank() == 0:
@@ -185,7 +231,7 @@ class Publisher:
                     manifest = self.disk.finalize(staged, version, config=self.hf_config(),
                                                   tokenizer_dir=self.tokenizer_dir, precision=self.precision,
                                                   quantization=QUANTIZATION_CONFIG if self.precision == "fp8" else None,
-                                                  verify_first=self.cfg.verify)
+                                                  parts=self._stage_parts())
             except Exception as e:
                 errors.append(f"rank 0 finalize: {type(e).__name__}: {e}")
             if errors:
@@ -205,13 +251,24 @@ class Publisher:
             raise PublishError(f"version {version}: {head[1]}")
         _, urls, ranks, api_key, failed = head
         err, nbytes, send_errors = None, 0, {}
+        if self._order is None:  # collective, once: the exporting ranks' own gloo group
+            self._order = (order_group(exporter_ranks(export_role()[1])),)
         try:
             tensors = self._tensors(model_chunks)
             if export_role()[1]:
                 sender = self._get_sender(urls, ranks, api_key)
-                for bucket in buckets(tensors, self.bucket_bytes):
-                    sender.send_bucket(bucket)
-                    nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                sent: List[int] = []
+
+                begin = getattr(sender, "start_bucket", sender.send_bucket)  # tensor backend: synchronous
+
+                def start(bucket):
+                    sent.append(sum(t.numel() * t.element_size() for _, t in bucket))
+                    return begin(bucket)
+
+                # One global bucket order across stages; the next bucket gathered during a transfer.
+                send_in_order(buckets(tensors, self.bucket_bytes), start,
+                              getattr(sender, "finish_bucket", lambda _: None), self._order[0])
+                nbytes = sum(sent)
                 send_errors = dict(sender.errors)
                 sender.errors.clear()
                 if sender.broken:
@@ -231,7 +288,7 @@ class Publisher:
         for _, errs, _ in reports:
             for url, msg in errs.items():
                 errors.setdefault(url, msg)
-        return Published(version, self.cfg.backend, errors=errors, bytes=sum(n for _, _, n in reports))
+        return Published(version, self.bus.backend, errors=errors, bytes=sum(n for _, _, n in reports))
 
     def _open_sessions(self, fleet) -> Tuple:
         """Rank 0: pause the fleet, open a session on each engine, learn each engine's rank count."""
@@ -239,7 +296,7 @@ class Publisher:
         from rollout.bus.commit import begin_session
 
         if fleet is None:
-            return ("error", f"bus.backend = {self.cfg.backend} needs the fleet on rank 0 (publish(..., fleet=fleet))")
+            return ("error", f"bus.backend = {self.bus.backend} needs the fleet on rank 0 (publish(..., fleet=fleet))")
         try:
             failed = run_sync(begin_session(fleet, self.pause_mode))
             clients = [c for c in fleet.live_clients if c.url not in failed]
@@ -260,15 +317,17 @@ class Publisher:
         if self._sender is not None and self._sender_key == key:
             return self._sender
         self._drop_sender()
-        client_cfg = ClientConfig(max_retries=0, control_timeout_s=self.cfg.timeout_s)
+        client_cfg = ClientConfig(max_retries=0, control_timeout_s=self.bus.timeout_s)
         clients = [EngineClient(u, api_key=api_key, config=client_cfg) for u in urls]
-        if self.cfg.backend == "tensor":
+        if self.bus.backend == "tensor":
             sender = TensorSender(clients, ranks)
         else:
             self._generation += 1
-            address = self.cfg.master_address or socket.gethostbyname(socket.gethostname())
+            # Per node: each stage's sender may run on another node (rollout/bus/address.py).
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            address = self.bus.master_address or node_address(urls, backend)
             sender = DistributedSender(clients, group_name=f"megatron-alp-pp{self._stage()}-g{self._generation}",
-                                       engine_ranks=ranks, master_address=address, timeout_s=self.cfg.timeout_s)
+                                       engine_ranks=ranks, master_address=address, timeout_s=self.bus.timeout_s)
         sender.connect()
         self._sender, self._sender_key = sender, key
         return sender
@@ -285,7 +344,7 @@ class Publisher:
         from rollout.aio import run_sync
         from rollout.bus.commit import commit, disk_apply, session_apply
 
-        common = dict(retries=self.cfg.retries, on_failure=self.cfg.on_engine_failure, spot_check=spot_check,
+        common = dict(retries=self.bus.retries, on_failure=self.bus.on_engine_failure, spot_check=spot_check,
                       pause_mode=self.pause_mode)
         if published.backend == "disk":
             return run_sync(commit(fleet, published.version, disk_apply(published.path, published.version), **common))
@@ -304,13 +363,3 @@ async def _engine_ranks(client) -> int:
         raise BusError(f"engine {client.url} runs dp_size={dp}, pp_size={pp}: SGLang's weight-update group "
                        f"ranks are rank_offset + tp_rank, so use one server per replica with the nccl backend")
     return tp
-
-
-def make_publisher(cfg) -> Publisher:
-    """A :class:`Publisher` for the full config (bus section, model section, rollout precision)."""
-    from rollout.producer import SPAN_POLICIES
-
-    # Synchronous rollout has nothing in flight at an update; asynchronous follows rollout.span_policy.
-    pause_mode = SPAN_POLICIES[cfg.rollout.span_policy] if cfg.rollout.max_staleness > 0 else "abort"
-    return Publisher(cfg.bus, cfg.model, precision=cfg.rollout.precision, tokenizer_dir=cfg.model.hf_path,
-                     pause_mode=pause_mode)

@@ -10,19 +10,32 @@ the HF checkpoint and, after a resume, push the resumed weights before the first
 from __future__ import annotations
 
 import logging
-from typing import Dict
+from typing import Dict, List
 
 logger = logging.getLogger(__name__)
 
 
-class WeightSync:
-    def __init__(self, cfg, trainer, rank: int):
-        from .publish import make_publisher
+def update_pause_mode(rollout) -> str:
+    """How the fleet pauses generation for an update: synchronous rollout has nothing in flight
+    (abort); asynchronous rollout follows ``rollout.span_policy`` (rollout/producer.py)."""
+    from rollout.producer import SPAN_POLICIES
 
-        self.cfg = cfg
-        self.trainer = trainer
+    return SPAN_POLICIES[rollout.span_policy] if rollout.max_staleness > 0 else "abort"
+
+
+class WeightSync:
+    """``bus``, ``rollout``, ``model_cfg``: the config sections; ``model_chunks``: what is published."""
+
+    def __init__(self, bus, rollout, model_cfg, model_chunks: List, rank: int):
+        from .publish import Publisher
+
+        self.backend = bus.backend
+        self.attached = bool(rollout.urls)  # engines already running: they must be sent the weights
+        self.hf_path = model_cfg.hf_path
+        self.chunks = model_chunks
         self.rank = rank
-        self.publisher = make_publisher(cfg)
+        self.publisher = Publisher(bus, model_cfg, precision=rollout.precision, tokenizer_dir=model_cfg.hf_path,
+                                   pause_mode=update_pause_mode(rollout))
         self.fleet = None
         self._pending_push = False
         self._commit_initial = False
@@ -35,14 +48,14 @@ class WeightSync:
     def initial(self, version: int, resumed: bool) -> str:
         """Collective: publish the starting weights; returns the path engines start from (rank 0)."""
         self._resume_version = version
-        attached = bool(self.cfg.rollout.urls)  # engines already running: they must be sent the weights
-        if self.cfg.bus.backend == "disk":
-            self._initial_pub = self.publisher.publish(version, [self.trainer.ddp], rewind=resumed)
-            self._commit_initial = attached
+        if self.backend == "disk":
+            pre = None if resumed else self.publisher.prepublished_v0()  # the launcher wrote it (FP8 engines)
+            self._initial_pub = pre or self.publisher.publish(version, self.chunks, rewind=resumed)
+            self._commit_initial = self.attached
             self.engine_start_version = version  # they start on this version's directory
             return self._initial_pub.path
-        self._pending_push = resumed or attached
-        return self.cfg.model.hf_path
+        self._pending_push = resumed or self.attached
+        return self.hf_path
 
     def attach(self, driver) -> None:
         """Collective: hand over the fleet (rank 0); push resumed weights on streaming backends."""
@@ -57,7 +70,7 @@ class WeightSync:
 
     def publish_and_commit(self, version: int) -> Dict[str, float]:
         """Collective: export + publish ``version`` on every rank; commit it to the fleet on rank 0."""
-        pub = self.publisher.publish(version, [self.trainer.ddp], fleet=self.fleet if self.rank == 0 else None)
+        pub = self.publisher.publish(version, self.chunks, fleet=self.fleet if self.rank == 0 else None)
         metrics: Dict[str, float] = {}
         if self.rank == 0:
             report = self.publisher.commit(self.fleet, pub)

@@ -1,6 +1,6 @@
 """The actor: forward/backward over micro-batches with Megatron's schedule, the objective, the step.
 
-Data layout (``RLBatch``): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
+Data layout (:class:`~.batch.RLBatch`): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
 ``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
 Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
 sequence parallelism is on, and of 16 more under FP8; ``batching.seq_pad_multiple``): Megatron's pipeline schedule sends fixed-shape activations between
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
 import torch
@@ -30,45 +29,33 @@ from ..model.alp import alp_forward, token_codes
 from ..model.specs import have_transformer_engine
 from ..ops.logprob import vocab_parallel_logprobs
 from ..runtime.device import any_rank, collective_tensor, to_device
+from .batch import RLBatch
 from .packing import PackedMicroBatch, make_packs, packed_seq_params, packs_needed, sample_lengths
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RLBatch:
-    """One data-parallel rank's share of a mini-batch (see module docstring)."""
-
-    tokens: torch.Tensor  # [N, L] int64
-    loss_mask: torch.Tensor  # [N, L] float/bool: counted response tokens
-    rollout_logp: torch.Tensor  # [N, L] fp32
-    advantages: torch.Tensor  # [N] fp32
-    old_logp: Optional[torch.Tensor] = None  # [N, L]
-    ref_logp: Optional[torch.Tensor] = None  # [N, L]
-    sample_ids: Optional[torch.Tensor] = None  # [N] int64: identity in the step's batch (keys ALP's noise)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def select(self, idx) -> "RLBatch":
-        return RLBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
-                          for f in fields(self)})
-
-
 class Actor:
     """Owns the model chunks, the optimizer and the forward/backward logic of one trainer rank."""
 
-    def __init__(self, cfg, model_chunks: List, optimizer=None):
+    def __init__(self, algorithm, run, alp, model_chunks: List, optimizer=None, *, vocab_size: int,
+                 temperature: float = 1.0, pad_multiple: int = 1):
+        """``algorithm``, ``run``, ``alp``: the config sections; ``vocab_size``: the model's true
+        vocabulary (padding excluded); ``temperature``: the rollout's sampling temperature;
+        ``pad_multiple``: what packed sequences are padded to (trainer.batching.seq_pad_multiple)."""
         from megatron.core import parallel_state as ps
 
-        self.cfg = cfg
         self.chunks = model_chunks
         self.optimizer = optimizer
         self.ps = ps
-        self.algo = cfg.algorithm
-        self.hparams = cfg.algorithm.objective_hparams()
-        self.vocab_size = cfg.model.vocab_size
-        self.temperature = cfg.rollout.temperature
+        self.algo = algorithm
+        self.micro_batch_size = run.micro_batch_size
+        self.perturb = alp.enabled
+        self.hparams = algorithm.objective_hparams()
+        self.vocab_size = vocab_size
+        self.temperature = temperature
+        self.max_tokens = run.max_tokens_per_micro_batch  # packing budget (0: padded micro-batches)
+        self.pad_multiple = pad_multiple  # sequence padding multiple (TP under SP, x16 under FP8)
         self._thd = torch.cuda.is_available() and have_transformer_engine()  # packed: THD on TE, else a mask
 
     # -- helpers --------------------------------------------------------------------------------
@@ -80,16 +67,12 @@ class Actor:
     def _micro_batches(self, batch: RLBatch) -> List:
         """Padded micro-batches of ``run.micro_batch_size`` rows, or packed ones under the token
         budget (``run.max_tokens_per_micro_batch``; trainer/packing.py), as many on every DP rank."""
-        budget = self.cfg.run.max_tokens_per_micro_batch
-        if budget > 0:
+        if self.max_tokens > 0:
             dp = self.ps.get_data_parallel_group()
-            count = collective_tensor([packs_needed(batch, budget)], dtype=torch.int64, group=dp)
+            count = collective_tensor([packs_needed(batch, self.max_tokens)], dtype=torch.int64, group=dp)
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp)
-            from .batching import seq_pad_multiple  # batching imports this module
-
-            return make_packs(batch, budget, int(count), pad_multiple=seq_pad_multiple(self.cfg.parallel,
-                                                                                     self.cfg.precision))
-        mbs = self.cfg.run.micro_batch_size
+            return make_packs(batch, self.max_tokens, int(count), pad_multiple=self.pad_multiple)
+        mbs = self.micro_batch_size
         return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool):
@@ -176,15 +159,17 @@ class Actor:
         dist.all_reduce(n, group=self.ps.get_data_parallel_group())
         return n
 
-    def train_step(self, batch: RLBatch, step: int) -> Dict[str, float]:
-        """One optimizer step on this rank's share of a mini-batch; returns reduced metrics
-        (complete on the last pipeline stage; empty dict elsewhere)."""
+    def train_step(self, batch: RLBatch, step: int, record: Optional[List[dict]] = None) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch; returns this update's scalars
+        (loss, gradient norm, learning rates, skip flags). On the last pipeline stage the detached
+        per-token tensors of the update are appended to ``record`` (when given) for
+        :meth:`step_metrics`, which computes the token metrics once over all updates of the step."""
         algo = self.algo
         batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         micro = self._micro_batches(batch)
         normalizer = self._global_normalizer(batch)
         scale = len(micro) * self.ps.get_data_parallel_world_size()
-        perturb = step if self.cfg.alp.enabled else None
+        perturb = step if self.perturb else None
         stash: List[dict] = []
         want_entropy = True  # entropy is logged every step (policy/entropy), not only when it is in the loss
 
@@ -214,6 +199,9 @@ class Actor:
         # the schedule: DP reduction, SP/QK-norm TP reduction, tied-embedding reduction across PP.
         self._run_schedule(micro, forward_only=False, loss_fn=loss_fn, perturb_step=perturb)
         loss_sum = torch.stack([s["loss"] for s in stash]).sum() if stash else torch.zeros(())
+        if record is not None and self.is_last_stage and stash:
+            record.append({"lp": [s["lp"] for s in stash], "ent": [s["ent"] for s in stash],
+                           "mb": [s["mb"] for s in stash]})
         if any_rank(not bool(torch.isfinite(loss_sum))):  # every rank skips together
             self.optimizer.zero_grad()
             return {"train/nonfinite_loss": 1.0, "train/skipped_step": 1.0}
@@ -233,33 +221,45 @@ class Actor:
         metrics["perf/padding_frac"] = 1.0 - sum(sample_lengths(batch)) / max(positions, 1)
         metrics["perf/micro_batches"] = float(len(micro))
         if self.is_last_stage and stash:
-            metrics.update(self._metrics(stash, loss_sum))
+            total = loss_sum.clone().to(torch.float64)
+            dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+            metrics["train/loss"] = float(total)
         return metrics
 
-    def _metrics(self, stash: List[dict], loss_sum: torch.Tensor) -> Dict[str, float]:
+    def step_metrics(self, record: List[dict]) -> Dict[str, object]:
+        """Token metrics of one RL step from the ``record`` that :meth:`train_step` filled: computed
+        once over every token of every update on every DP rank (exact quantiles, summed counts,
+        token-weighted means), plus ``ratio/k*_first_update`` (pi vs mu on the first update alone:
+        before any optimizer step of this rollout, so mismatch plus ALP's perturbation). Collective
+        over the data-parallel group on the last pipeline stage; empty dict elsewhere."""
+        if not (self.is_last_stage and record):
+            return {}
         dp = self.ps.get_data_parallel_group()
-        L = max(s["lp"].shape[1] for s in stash)
+        out = self._compute(record, dp)
+        first = self._compute(record[:1], dp, objective_internals=False)
+        for k in ("k1", "k2", "k3"):
+            out[f"ratio/{k}_first_update"] = first[f"ratio/{k}"]
+        return {k: (v.tolist() if v.dim() else float(v)) for k, v in out.items()}
 
-        def cat(key_fn):
-            parts = [key_fn(s) for s in stash]
+    def _compute(self, record: List[dict], dp, objective_internals: bool = True) -> Dict[str, torch.Tensor]:
+        lps = [lp for r in record for lp in r["lp"]]
+        mbs = [mb for r in record for mb in r["mb"]]
+        L = max(p.shape[1] for p in lps)
+
+        def cat(parts):
             if any(p is None for p in parts):
                 return None
             return torch.cat([torch.nn.functional.pad(p, (0, L - p.shape[1])) for p in parts])
 
-        lp = cat(lambda s: s["lp"])
-        mb_cat = lambda name: cat(lambda s: getattr(s["mb"], name))  # noqa: E731
-        mask = mb_cat("loss_mask")
-        adv = torch.cat([s["mb"].advantages for s in stash])
-        out = compute_metrics(
-            lp, mb_cat("rollout_logp"), mask, old_logp=mb_cat("old_logp"), advantages=adv,
-            entropy=cat(lambda s: s["ent"]), objective=self.algo.objective, hparams=self.hparams,
-            dppo_delta=self.algo.dppo_delta, group=dp,
+        def mb_cat(name):
+            return cat([getattr(mb, name) for mb in mbs])
+
+        hp = dict(objective=self.algo.objective, hparams=self.hparams) if objective_internals else {}
+        return compute_metrics(
+            cat(lps), mb_cat("rollout_logp"), mb_cat("loss_mask"), old_logp=mb_cat("old_logp"),
+            base_logp=mb_cat("base_logp"), advantages=torch.cat([mb.advantages for mb in mbs]),
+            entropy=cat([e for r in record for e in r["ent"]]), dppo_delta=self.algo.dppo_delta, group=dp, **hp,
         )
-        total = loss_sum.clone().to(torch.float64)
-        dist.all_reduce(total, group=dp)
-        result = {k: (v.tolist() if v.dim() else float(v)) for k, v in out.items()}
-        result["train/loss"] = float(total)
-        return result
 
 
 def _token_codes(mb) -> torch.Tensor:

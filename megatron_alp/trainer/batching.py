@@ -12,7 +12,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .actor import RLBatch
+from .batch import RLBatch
 
 
 def collate(samples: Sequence, advantages: torch.Tensor, pad_id: int = 0, pad_multiple: int = 1) -> RLBatch:

@@ -185,3 +185,37 @@ def load_checkpoint(path: str, model_chunks: List, optimizer, layout) -> Dict[st
     set_rng_state(state["rng"])
     logger.info("resumed from %s (step %d)", path, meta["step"])
     return meta
+
+
+class Checkpointer:
+    """The checkpoint policy of one run: where checkpoints live, when a step is saved, and resume.
+
+    A step is saved every ``checkpoint.save_interval`` steps, after the last step, and whenever the
+    caller forces it (a stop signal, giving up on non-finite losses).
+    """
+
+    def __init__(self, checkpoint, total_steps: int, run_dir: str, model_chunks: List, optimizer, layout):
+        self.root = checkpoint.dir or os.path.join(run_dir, "checkpoints")
+        self.interval = checkpoint.save_interval
+        self.keep = checkpoint.keep
+        self.total_steps = total_steps
+        self.chunks, self.optimizer, self.layout = model_chunks, optimizer, layout
+
+    def resume(self) -> Optional[Dict[str, Any]]:
+        """Restore the latest checkpoint, if any; returns its metadata (``step`` and what
+        :meth:`maybe_save` was given) or None on a fresh start."""
+        path = latest_checkpoint(self.root)
+        return load_checkpoint(path, self.chunks, self.optimizer, self.layout) if path else None
+
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether the state after ``step`` completed steps is saved."""
+        return force or step == self.total_steps or bool(self.interval and step % self.interval == 0)
+
+    def maybe_save(self, step: int, state: Dict[str, Any], force: bool = False) -> Optional[str]:
+        """Collective: save after ``step`` completed steps when :meth:`due`; returns the checkpoint
+        directory (None when not due). ``state`` is the loop's own state (rank 0's copy is saved)."""
+        if not self.due(step, force):
+            return None
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        return save_checkpoint(self.root, step, self.chunks, self.optimizer, box[0], self.layout, self.keep)

@@ -11,12 +11,12 @@ import logging
 import math
 import os
 import time
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..algo.advantages import compute_advantages
-from .actor import RLBatch
+from .batch import RLBatch
 from .batching import collate, seq_pad_multiple
 from .group_log import GroupLog
 
@@ -124,21 +124,17 @@ class RolloutDriver:
                         "rollout/group_version_min": float(min(g.version for g in groups))})
         return self._batch(samples), metrics
 
-    def data_state(self, next_step: int) -> Dict:
-        """The prompt-stream state to checkpoint before ``next_step``: asynchronous rollout has
-        drawn prompts ahead; they are drawn (and generated) again after a resume."""
-        if self.producer is not None:
-            return self.producer.stream_state(next_step)
-        return self.stream.state_dict()
-
     def _metrics(self, samples, seconds: float, stale) -> Dict[str, float]:
         from rollout.generate import reward_failures
 
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         n_tok = [s.num_model_tokens for s in samples]
         lengths = [len(s.response_ids) for s in samples]
+        from rollout.tool_metrics import tool_metrics
+
         groups = rewards.view(-1, self.cfg.rollout.n_samples)
         return {
+            **tool_metrics(samples, self.cfg.rollout.multi_turn.enabled),
             "rollout/reward_mean": rewards.mean().item(),
             "rollout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "rollout/reward_hist": rewards.tolist(),
@@ -156,6 +152,17 @@ class RolloutDriver:
             "perf/rollout_tokens_per_s": sum(n_tok) / max(seconds, 1e-9),
         }
 
+    def state_dict(self, next_step: Optional[int] = None) -> Dict:
+        """What a resume needs to continue the rollout where it stopped: the prompt stream's position
+        before ``next_step``'s prompts (asynchronous rollout has drawn prompts ahead; they are drawn,
+        and generated, again after a resume)."""
+        if self.producer is not None and next_step is not None:
+            return {"stream": self.producer.stream_state(next_step)}
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+
     def close(self) -> None:
         from rollout.aio import run_sync
 
@@ -165,4 +172,5 @@ class RolloutDriver:
             run_sync(self.fleet.close(), timeout=30)
         except Exception:  # noqa: BLE001 - shutting down anyway
             logger.exception("closing the fleet failed")
+        self.generator.close()
         self.engines.stop()

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 TERMINAL_KEYS = (
     ("reward", "rollout/reward_mean", "{:.3f}"),
+    ("tools", "rollout/tool_calls_mean", "{:.2f}"),
     ("kl_k3", "mismatch/k3", "{:.2e}"),
     ("ratio_p99.9", "ratio/token_p99.9", "{:.3f}"),
     ("loss", "train/loss", "{:.4f}"),
@@ -48,9 +49,19 @@ class TensorBoardMonitor(Monitor):
         self.writer = SummaryWriter(log_dir=log_dir)
         self.log_interval = max(1, log_interval)
         self.histograms = histograms
+        self._layout_written = False
 
     def log(self, metrics: Dict[str, object], step: int, terminal: bool = True) -> None:
         import numpy as np
+
+        if not self._layout_written and any(k.startswith(("ratio/", "rollout/")) for k in metrics):
+            # The custom-scalars layout, from the first training step's metric names (an eval at
+            # the start logs eval/ only, before it).
+            from .tb_layout import layout_for
+
+            self.writer.add_custom_scalars(layout_for(
+                k for k, v in metrics.items() if not isinstance(v, (list, tuple)) and not k.endswith("_hist")))
+            self._layout_written = True
 
         for name, value in sorted(metrics.items()):
             if isinstance(value, (list, tuple)) or name.endswith("_hist"):

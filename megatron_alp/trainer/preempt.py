@@ -52,7 +52,7 @@ def rollout_or_abort(driver, stop, stopping: bool, step: int, version: int):
     from rollout.fleet import FleetExhausted
     from rollout.generate import RewardError
 
-    state = driver.stream.state_dict()
+    state = driver.state_dict()
     try:
         if stopping:
             raise Preempted(stop.signum)
@@ -64,5 +64,5 @@ def rollout_or_abort(driver, stop, stopping: bool, step: int, version: int):
         abort = Abort("engine", f"rollout engines lost: {e}")
     except RewardError as e:
         abort = Abort("reward", str(e))
-    driver.stream.load_state_dict(state)
+    driver.load_state_dict(state)
     return abort

@@ -22,6 +22,7 @@ from ..runtime.device import any_rank
 from ..runtime.distributed import Layout, init_distributed, init_parallel_state, validate_layout
 from ..runtime.placement import check_gpu_placement
 from .actor import Actor
+from .batching import dp_shard
 from .optim import Optimizer, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ def load_and_check(config_path: Optional[str], overrides: List[str]) -> Config:
         logger.warning("algorithm.kl_coef > 0 with a randomly initialised model: the reference is that init")
     if not cfg.model.hf_path and not r.model_path and not r.urls:
         raise ValueError("model.hf_path (HF checkpoint with tokenizer) is needed to start the rollout engines")
+    from ..convert.model_check import check_model_matches_checkpoint
+
+    check_model_matches_checkpoint(cfg.model, cfg.checkpoint.load)  # trainer = checkpoint = engine model
     _check_output_dirs(cfg)
     return cfg
 
@@ -80,14 +84,28 @@ def redacted(cfg: Config) -> Config:
 
 @dataclass
 class Trainer:
-    cfg: Config
+    """This rank's share of the trainer: the model, its optimizer, and the actors that use them."""
+
     layout: Layout
+    dp_rank: int  # this rank's data-parallel coordinate
     run_dir: str
     model: torch.nn.Module  # this rank's GPTModel chunk (unwrapped)
     ddp: torch.nn.Module
     optimizer: Optimizer
     actor: Actor
     ref_actor: Optional[Actor]
+
+    def shard(self, batch):
+        """This rank's data-parallel share of a full batch."""
+        return dp_shard(batch, self.dp_rank, self.layout.dp)
+
+
+def make_actor(cfg: Config, model_chunks: List, optimizer=None) -> Actor:
+    """An :class:`Actor` from the sections of the full config it needs."""
+    from .batching import seq_pad_multiple
+
+    return Actor(cfg.algorithm, cfg.run, cfg.alp, model_chunks, optimizer, vocab_size=cfg.model.vocab_size,
+                 temperature=cfg.rollout.temperature, pad_multiple=seq_pad_multiple(cfg.parallel, cfg.precision))
 
 
 def build_model(cfg: Config, alp: bool):
@@ -101,12 +119,14 @@ def load_initial_weights(cfg: Config, model) -> None:
         logger.warning("checkpoint.load is not set: the policy starts from a random init")
         return
     from ..convert import load_megatron_checkpoint
+    from ..convert.model_check import check_model_matches_checkpoint
 
+    check_model_matches_checkpoint(cfg.model, cfg.checkpoint.load)
     load_megatron_checkpoint(model, cfg.checkpoint.load)
 
 
 def setup(cfg: Config) -> Trainer:
-    init_distributed()
+    init_distributed(cfg.parallel.pg_timeout_minutes)
     layout = init_parallel_state(cfg.parallel, cfg.model, seed=cfg.run.seed)
     run_dir = cfg.run.output_dir
     if dist.get_rank() == 0:
@@ -118,7 +138,7 @@ def setup(cfg: Config) -> Trainer:
     total = cfg.run.steps * cfg.run.mini_batches_per_step
     optimizer = Optimizer([ddp], cfg.optimizer, precision=cfg.precision.train, alp=cfg.alp, total_steps=total,
                           initial_loss_scale=cfg.precision.initial_loss_scale)
-    actor = Actor(cfg, [ddp], optimizer)
+    actor = make_actor(cfg, [ddp], optimizer)
     ref_actor = None
     if cfg.algorithm.kl_coef > 0:
         ref = build_model(cfg, alp=False)
@@ -126,8 +146,10 @@ def setup(cfg: Config) -> Trainer:
         for p in ref.parameters():
             p.requires_grad_(False)
         ref.eval()
-        ref_actor = Actor(cfg, [ref])
-    return Trainer(cfg, layout, run_dir, model, ddp, optimizer, actor, ref_actor)
+        ref_actor = make_actor(cfg, [ref])
+    from megatron.core import parallel_state as ps
+
+    return Trainer(layout, ps.get_data_parallel_rank(), run_dir, model, ddp, optimizer, actor, ref_actor)
 
 
 class Preempted(Exception):

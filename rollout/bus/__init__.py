@@ -14,9 +14,20 @@ HF-named tensors lives in ``megatron_alp/sync/export.py`` and ``megatron_alp/syn
 plain tensors and arguments here. See docs/bus.md.
 """
 
-from .disk import DiskBus, verify
-from .manifest import BusError, ChecksumError, Manifest, VersionError, read_manifest
 from .versions import parse_version, staleness, staleness_stats
+
+_LAZY = {"DiskBus": "disk", "verify": "disk", "BusError": "manifest", "ChecksumError": "manifest",
+         "Manifest": "manifest", "VersionError": "manifest", "read_manifest": "manifest"}
+
+
+def __getattr__(name):
+    """The torch-backed parts load on first use, so that ``rollout.bus.versions`` imports without
+    torch (the SLURM supervisor on a container job's batch host)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BusError", "ChecksumError", "DiskBus", "Manifest", "VersionError", "parse_version", "read_manifest",
            "staleness", "staleness_stats", "verify"]

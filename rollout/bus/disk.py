@@ -29,7 +29,7 @@ import re
 import shutil
 import uuid
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,6 +47,7 @@ from .manifest import (
     write_json_atomic,
 )
 from .shards import ShardWriter
+from .versions import version_dirname
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
-
-
-def version_dirname(version: int) -> str:
-    if int(version) < 0:
-        raise VersionError(f"versions are non-negative integers, got {version}")
-    return f"v{int(version):08d}"
 
 
 def looks_like_version_dir(path: str) -> bool:
@@ -144,44 +139,45 @@ class DiskBus:
                                f"in {self.root}: versions must increase")
 
     def stage(self, version: int) -> str:
-        """A fresh temporary directory for ``version`` (refused unless newer than the latest)."""
+        """A fresh temporary directory for ``version`` (refused unless newer than the latest).
+
+        Versions beyond the ``keep - 1`` newest (never the latest) are removed first, so that with the
+        one being written at most ``max(keep, 2)`` versions are on disk, not ``keep + 1``."""
         self.check_newer(version)
+        self.gc(max(self.keep - 1, 1))
         staged = os.path.join(self.root, f".tmp-{version_dirname(version)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.makedirs(staged)
         return staged
 
     def writer(self, staged: str, part: str = "pp0", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-               pool: Optional[Executor] = None) -> PartWriter:
-        """Shard writer of one writer process; files are named ``model-<part>-NNNNN.safetensors``."""
+               pool: Optional[Executor] = None, background: bool = True) -> PartWriter:
+        """Shard writer of one writer process; files are named ``model-<part>-NNNNN.safetensors``.
+        Full buckets are written on a writer thread while the caller fills the next one."""
         if not re.fullmatch(r"[A-Za-z0-9_]+", part):
             raise ValueError(f"part name {part!r} must be alphanumeric")
         return PartWriter(staged, f"model-{part}", bucket_bytes, pool=pool, fsync=self.fsync,
-                          checksum=self.checksum)
+                          checksum=self.checksum, background=background)
 
     def finalize(self, staged: str, version: int, *, config: Optional[Dict[str, Any]] = None,
                  tokenizer_dir: Optional[str] = None, precision: Optional[str] = None,
-                 quantization: Optional[Dict[str, Any]] = None, verify_first: bool = False) -> Manifest:
+                 quantization: Optional[Dict[str, Any]] = None, verify_first: bool = False,
+                 parts: Optional[Sequence[str]] = None) -> Manifest:
         """Merge the parts, write index, config and manifest, and rename into place (atomic).
 
+        ``parts`` names the writers that must have finished (``["pp0", "pp1", ...]``: one per
+        pipeline stage); each one's ``part-model-<name>.json`` is opened by name, so a stale
+        directory listing on a shared filesystem cannot publish a version with a stage missing.
+        Without it every ``part-*.json`` found is merged (one-process publishing).
         ``verify_first`` re-reads every shard and checks it against the manifest before the
-        rename (what a reader on a shared filesystem will see), so a bad write is never published.
+        rename (what a reader on a shared filesystem will see), so a bad write is never published;
+        a pipeline-parallel publisher verifies each stage's part in its writer instead
+        (:func:`verify_part`, all stages in parallel).
         """
         manifest = Manifest(version=int(version), precision=precision, quantization=quantization,
                             checksum=self.checksum)
-        parts = sorted(glob.glob(os.path.join(staged, "part-*.json")))
-        if not parts:
-            raise BusError(f"{staged}: no writer finished (no part-*.json)")
+        parts = self._part_files(staged, parts)
         for part in parts:
-            with open(part) as f:
-                obj = json.load(f)
-            if obj.get("checksum") != manifest.checksum:
-                raise BusError(f"{os.path.basename(part)} was hashed with {obj.get('checksum')!r}, the manifest "
-                               f"is {manifest.checksum!r}: every rank must use the same bus.checksum")
-            for name, e in obj["tensors"].items():
-                if name in manifest.tensors:
-                    raise BusError(f"tensor {name!r} written by two parts ({manifest.tensors[name].file}, {e['file']})")
-                manifest.tensors[name] = TensorEntry(**e)
-            manifest.files.update(obj["files"])
+            _merge_part(manifest, part)
         for fname, meta in manifest.files.items():
             size = os.path.getsize(os.path.join(staged, fname))
             if size != meta["bytes"]:
@@ -192,10 +188,7 @@ class DiskBus:
         if config is not None:
             write_json_atomic(os.path.join(staged, "config.json"), config, self.fsync)
         if tokenizer_dir:
-            for fname in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, fname)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(staged, fname))
+            _copy_tokenizer(tokenizer_dir, staged)
         write_json_atomic(os.path.join(staged, MANIFEST), manifest.to_json(), self.fsync)
         for part in parts:
             os.remove(part)
@@ -211,6 +204,33 @@ class DiskBus:
                     manifest.total_bytes / 1e6, self.path(version))
         self.gc()
         return manifest
+
+    @staticmethod
+    def _part_files(staged: str, names: Optional[Sequence[str]]) -> List[str]:
+        if names is None:
+            found = sorted(glob.glob(os.path.join(staged, "part-*.json")))
+            if not found:
+                raise BusError(f"{staged}: no writer finished (no part-*.json)")
+            return found
+        if not names:
+            raise BusError(f"{staged}: finalize needs at least one part")
+        files = [os.path.join(staged, f"part-model-{n}.json") for n in names]
+        missing = [n for n, f in zip(names, files) if not os.path.isfile(f)]
+        if missing:
+            raise BusError(f"{staged}: the part of {', '.join(missing)} is missing (no "
+                           f"{', '.join(f'part-model-{n}.json' for n in missing)}): refusing to publish a "
+                           f"version without every stage's weights")
+        return files
+
+    def remove_stale(self) -> List[str]:
+        """Remove every ``.tmp-*`` directory: a publication that crashed in an earlier run. Call it
+        once at the start of a run, before this run stages anything (one publisher per bus)."""
+        stale = [n for n in os.listdir(self.root) if _TMP_RE.match(n)]
+        for name in stale:
+            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        if stale:
+            logger.warning("bus: removed %d unfinished publication(s) of an earlier run: %s", len(stale), stale)
+        return stale
 
     def abort(self, staged: str) -> None:
         """Remove a staged directory after a failed publication (best effort)."""
@@ -243,10 +263,12 @@ class DiskBus:
             logger.warning("bus: rewound to before version %d: removed %s", version, doomed)
         return doomed
 
-    def gc(self) -> List[int]:
-        """Remove all but the ``keep`` newest versions, and dead temporary directories."""
+    def gc(self, keep: Optional[int] = None) -> List[int]:
+        """Remove all but the ``keep`` (default: ``self.keep``) newest versions, and dead temporary
+        directories."""
+        keep = max(1, self.keep if keep is None else keep)
         versions = self.versions()
-        doomed = versions[:-self.keep] if len(versions) > self.keep else []
+        doomed = versions[:-keep] if len(versions) > keep else []
         for v in doomed:
             shutil.rmtree(self.path(v), ignore_errors=True)
         latest = versions[-1] if versions else -1
@@ -255,7 +277,7 @@ class DiskBus:
             if m and int(m.group(1)) <= latest:  # a crashed or superseded attempt
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         if doomed:
-            logger.info("bus: removed versions %s (keeping %d)", doomed, self.keep)
+            logger.info("bus: removed versions %s (keeping %d)", doomed, keep)
         return doomed
 
 
@@ -286,6 +308,17 @@ def iter_verified_files(version_dir: str, manifest: Optional[Manifest] = None,
         yield tensors
 
 
+def verify_part(staged: str, entries: Dict[str, TensorEntry], checksum: str,
+                pool: Optional[Executor] = None) -> None:
+    """Re-read the shards of one writer (a pipeline stage) and check them against its entries.
+
+    Every stage's writer verifies its own files right after writing them, in parallel with the
+    other stages, instead of rank 0 re-reading the whole version in :meth:`DiskBus.finalize`."""
+    part = Manifest(version=0, tensors=dict(entries), checksum=checksum)
+    for _ in iter_verified_files(staged, part, pool):
+        pass
+
+
 def verify(version_dir: str, pool: Optional[Executor] = None) -> Manifest:
     """Check every tensor of a version directory against its manifest; raise naming the bad one."""
     manifest = read_manifest(version_dir)
@@ -298,3 +331,24 @@ def verify(version_dir: str, pool: Optional[Executor] = None) -> Manifest:
         if own:
             pool.shutdown()
     return manifest
+
+
+def _merge_part(manifest: Manifest, part: str) -> None:
+    """Add one writer's part manifest (``part-*.json``) to ``manifest``."""
+    with open(part) as f:
+        obj = json.load(f)
+    if obj.get("checksum") != manifest.checksum:
+        raise BusError(f"{os.path.basename(part)} was hashed with {obj.get('checksum')!r}, the manifest "
+                       f"is {manifest.checksum!r}: every rank must use the same bus.checksum")
+    for name, e in obj["tensors"].items():
+        if name in manifest.tensors:
+            raise BusError(f"tensor {name!r} written by two parts ({manifest.tensors[name].file}, {e['file']})")
+        manifest.tensors[name] = TensorEntry(**e)
+    manifest.files.update(obj["files"])
+
+
+def _copy_tokenizer(tokenizer_dir: str, staged: str) -> None:
+    for fname in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, fname)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(staged, fname))

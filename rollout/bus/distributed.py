@@ -65,10 +65,6 @@ def unflatten_bucket(flat: torch.Tensor, names: Sequence[str], dtypes: Sequence[
     return out
 
 
-def bucket_nbytes(dtypes: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
-    return sum(int(torch.Size(s).numel()) * to_dtype(d).itemsize for d, s in zip(dtypes, shapes))
-
-
 class UpdateGroup:
     """A joined weight-update group: the c10d backend and the TCP store it lives on."""
 
@@ -78,10 +74,15 @@ class UpdateGroup:
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> None:
         """Broadcast ``tensor`` in place from ``root``."""
+        self.broadcast_async(tensor, root).wait()
+
+    def broadcast_async(self, tensor: torch.Tensor, root: int = 0):
+        """Start the broadcast; ``.wait()`` on the returned work completes it (the caller may gather
+        the next bucket meanwhile: a different communicator)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = root
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        return self.pg.broadcast([tensor], opts)
 
     def close(self) -> None:
         try:

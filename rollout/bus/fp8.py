@@ -44,11 +44,25 @@ def quantize_named(named: Iterable[Tuple[str, torch.Tensor]], other_dtype: torch
     """FP8 linear weights (+ their ``_scale_inv``), everything else cast to ``other_dtype``."""
     for name, t in named:
         if is_fp8_linear(name, t):
-            q, scale = quantize_weight_blockwise(t)
+            q, scale = quantize_rows(t)
             yield name, q
-            yield name + SCALE_SUFFIX, scale.float().contiguous()
+            yield name + SCALE_SUFFIX, scale
         else:
             yield name, t.to(other_dtype)
+
+
+def quantize_rows(w: torch.Tensor, rows: int = BLOCK) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_weight_blockwise` one band of ``rows`` (a multiple of the block) at a time,
+    into preallocated outputs: blocks never straddle bands, so the result is the same, and the fp32
+    temporaries are one band's instead of the whole weight's (peak <= 2x a bf16 input, not 6x)."""
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=w.device)
+    scale = torch.empty(((n + BLOCK - 1) // BLOCK, (k + BLOCK - 1) // BLOCK), dtype=torch.float32, device=w.device)
+    for r in range(0, n, rows):
+        qb, sb = quantize_weight_blockwise(w[r:r + rows])
+        q[r:r + rows].copy_(qb)
+        scale[r // BLOCK:(r + rows + BLOCK - 1) // BLOCK].copy_(sb)
+    return q, scale
 
 
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:

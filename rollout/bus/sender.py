@@ -74,24 +74,42 @@ class DistributedSender:
                     details[c.url] = f"{type(err).__name__}: {err}"
             raise BusError(f"weight-update group {self.group_name} did not form ({type(e).__name__}: {e}); "
                            f"engines: {details or 'no answer'}") from e
-        for c, f in zip(self.clients, futures):
+        for f in futures:
             f.result(timeout=self.timeout_s)
         logger.info("bus: group %s formed with %d engine(s) (%s, world %d)", self.group_name, len(self.clients),
                     self.backend, self.world_size)
 
     def send_bucket(self, named: List[Tuple[str, torch.Tensor]]) -> None:
         """Send one bucket to every engine that has not failed yet."""
+        self.finish_bucket(self.start_bucket(named))
+
+    def start_bucket(self, named: List[Tuple[str, torch.Tensor]]):
+        """Post the bucket's metadata to every live engine and start its broadcast; returns the pending
+        transfer for :meth:`finish_bucket` (gather the next bucket in between: the overlap)."""
         if self.group is None:
-            raise BusError("DistributedSender.send_bucket before connect()")
+            raise BusError("DistributedSender.start_bucket before connect()")
         if self.broken:
-            return
+            return None
         device = "cuda" if self.backend == "nccl" else "cpu"
         flat, names, dtypes, shapes = flatten_bucket([(n, t.to(device)) for n, t in named])
         live = [c for c in self.clients if c.url not in self.errors]
         futures = [submit(c.update_weights_from_distributed(names, dtypes, shapes, self.group_name,
                                                             load_format=FLATTENED)) for c in live]
         try:
-            self.group.broadcast(flat)
+            work = self.group.broadcast_async(flat)
+        except Exception as e:
+            work = e
+        return flat, names, live, futures, work
+
+    def finish_bucket(self, pending) -> None:
+        """Wait for the broadcast and every engine's answer; record failures (see the module docstring)."""
+        if pending is None:
+            return
+        flat, names, live, futures, work = pending
+        try:
+            if isinstance(work, Exception):
+                raise work
+            work.wait()
         except Exception as e:
             self.broken = True
             for c in self.clients:

@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import struct
-from concurrent.futures import Executor
+import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -92,10 +93,15 @@ class ShardWriter:
 
     ``add(name, tensor)`` buffers; a full bucket is written out; ``close()`` writes the rest and
     returns the manifest entries and file sizes of everything written.
+
+    With ``background=True`` a full bucket is copied to host memory on the caller's thread and
+    written (and hashed) on a writer thread, while the caller goes on producing the next bucket
+    (gathering it across TP ranks, quantising it, copying it): the write overlaps the copy. At most
+    two buckets are in memory (the one being written, the one being filled).
     """
 
     def __init__(self, directory: str, prefix: str, bucket_bytes: int, *, pool: Optional[Executor] = None,
-                 fsync: bool = True, checksum: str = DEFAULT_CHECKSUM):
+                 fsync: bool = True, checksum: str = DEFAULT_CHECKSUM, background: bool = False):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self.directory, self.prefix, self.bucket_bytes = directory, prefix, bucket_bytes
@@ -106,6 +112,10 @@ class ShardWriter:
         self._names: set = set()
         self._bytes = 0
         self._closed = False
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bus-write") if background else None
+        self._pending: Optional[Tuple[str, List[Tuple[str, torch.Tensor]], Future]] = None
+        self.seconds = {"copy_to_host": 0.0, "write_wait": 0.0}
+        """Time the caller spent copying buckets to host memory, and waiting for the writer thread."""
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._closed:
@@ -122,17 +132,43 @@ class ShardWriter:
     def flush(self) -> None:
         if not self._bucket:
             return
-        fname = f"{self.prefix}-{len(self.files):05d}.safetensors"
-        size, digests = write_shard(os.path.join(self.directory, fname), self._bucket, self.pool, self.fsync,
-                                    self.checksum)
-        for name, t in self._bucket:
+        fname = f"{self.prefix}-{len(self.files) + (self._pending is not None):05d}.safetensors"
+        path = os.path.join(self.directory, fname)
+        t0 = time.perf_counter()
+        bucket = [(n, t.detach().cpu().contiguous()) for n, t in self._bucket]
+        self.seconds["copy_to_host"] += time.perf_counter() - t0
+        self._bucket, self._bytes = [], 0
+        if self._writer is None:
+            self._record(fname, bucket, write_shard(path, bucket, self.pool, self.fsync, self.checksum))
+            return
+        self._wait()
+        self._pending = (fname, bucket, self._writer.submit(write_shard, path, bucket, self.pool, self.fsync,
+                                                            self.checksum))
+
+    def _wait(self) -> None:
+        if self._pending is None:
+            return
+        fname, bucket, fut = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        result = fut.result()
+        self.seconds["write_wait"] += time.perf_counter() - t0
+        self._record(fname, bucket, result)
+
+    def _record(self, fname: str, bucket, result: Tuple[int, Dict[str, str]]) -> None:
+        size, digests = result
+        for name, t in bucket:
             self.entries[name] = TensorEntry(file=fname, dtype=dtype_name(t.dtype), shape=list(t.shape),
                                              nbytes=t.numel() * t.element_size(), digest=digests[name])
         self.files[fname] = {"bytes": size}
-        logger.debug("bus shard %s: %d tensors, %d bytes", fname, len(self._bucket), size)
-        self._bucket, self._bytes = [], 0
+        logger.debug("bus shard %s: %d tensors, %d bytes", fname, len(bucket), size)
 
     def close(self) -> Tuple[Dict[str, TensorEntry], Dict[str, Dict[str, int]]]:
-        self.flush()
-        self._closed = True
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            self._closed = True
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
         return self.entries, self.files

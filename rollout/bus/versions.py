@@ -13,6 +13,15 @@ from typing import Dict, Iterable, Optional, Union
 Version = Union[int, str, None]
 
 
+def version_dirname(version: int) -> str:
+    """The directory of a disk-bus version: ``v00000007``."""
+    if int(version) < 0:
+        from .manifest import VersionError
+
+        raise VersionError(f"versions are non-negative integers, got {version}")
+    return f"v{int(version):08d}"
+
+
 def parse_version(v: Version) -> Optional[int]:
     """The integer of a bus version ("7" -> 7); None for non-bus versions ("default", None)."""
     if v is None or isinstance(v, bool):

@@ -61,5 +61,9 @@ def router_command(cfg: RolloutConfig, worker_urls: Sequence[str], *, port: Opti
     """`sglang_router.launch_router` in front of ``worker_urls``."""
     cmd = [cfg.sglang.python or sys.executable, "-m", "sglang_router.launch_router",
            "--host", host or cfg.host, "--port", str(port or cfg.sglang.router_port),
+           # cache-aware: a request goes to the worker whose cache holds its longest prefix (load
+           # permitting), so the turns of a multi-turn sample stay together. It is the router's
+           # default; named so that a changed default cannot silently undo it.
+           "--policy", "cache_aware",
            "--worker-urls", *worker_urls]
     return cmd

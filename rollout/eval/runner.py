@@ -58,13 +58,16 @@ async def evaluate(engine, tokenizer, rollout: RolloutConfig, ev: EvalConfig, *,
     loaded = [load_benchmark(spec, tokenizer, cfg.data, prompt_key=ev.prompt_key, label_key=ev.label_key,
                              instruction=ev.instruction, max_problems=ev.max_problems) for spec in ev.datasets]
     runs = []
-    for name, prompts, dropped in loaded:
-        t0 = time.perf_counter()
-        samples = await gen.generate(prompts, seed=ev.seed)
-        runs.append(BenchmarkRun(_summary(name, prompts, samples, ev, dropped), samples))
-        r = runs[-1].result
-        logger.info("eval %s: %d problems x %d samples in %.1f s: avg@%d %.4f, pass@%d %.4f", name, r.problems,
-                    r.n, time.perf_counter() - t0, r.n, r.avg_at_n, r.n, r.pass_at[r.n])
+    try:
+        for name, prompts, dropped in loaded:
+            t0 = time.perf_counter()
+            samples = await gen.generate(prompts, seed=ev.seed)
+            runs.append(BenchmarkRun(_summary(name, prompts, samples, ev, dropped), samples))
+            r = runs[-1].result
+            logger.info("eval %s: %d problems x %d samples in %.1f s: avg@%d %.4f, pass@%d %.4f", name, r.problems,
+                        r.n, time.perf_counter() - t0, r.n, r.avg_at_n, r.n, r.pass_at[r.n])
+    finally:
+        gen.close()  # its reward worker processes
     return runs
 
 

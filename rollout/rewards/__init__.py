@@ -22,6 +22,8 @@ from .synthetic import synthetic_reward
 RewardFn = Callable[[str, str, Any, Dict[str, Any]], Union[float, Awaitable[float]]]
 
 BUILTIN: Dict[str, RewardFn] = {"math": math_reward, "synthetic": synthetic_reward}
+INLINE = ("synthetic",)
+"""Built-ins cheap and safe enough to score on the event loop (no worker process)."""
 
 
 def load_reward_fn(name: str) -> RewardFn:

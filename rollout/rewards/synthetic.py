@@ -23,7 +23,6 @@ import random
 from typing import Any, Dict, List, Optional, Tuple
 
 TASKS = ("copy", "reverse", "add")
-TAGS = {"copy": "c", "reverse": "r", "add": "a"}
 
 
 def make_problem(task: str, num_digits: int, rng: random.Random) -> Tuple[str, str]:

@@ -15,14 +15,19 @@
 #
 #   ALP_REPO        repository root (default: the submit directory; sbatch copies the script away)
 #   ALP_PYTHON      Python with megatron-alp installed (default: $ALP_REPO/.venv/bin/python, else python3)
-#   ALP_SRUN_ARGS   extra options for every srun step (containers: --container-image=... --container-mounts=...)
-#   ALP_STEP_PYTHON Python inside the srun steps when it differs from ALP_PYTHON (a container's)
+#   ALP_SRUN_ARGS   extra options for every srun step (pyxis: --container-mounts=... --container-workdir=...)
+#   ALP_TRAINER_SRUN_ARGS / ALP_ENGINE_SRUN_ARGS  the trainer's / engines' own (pyxis: --container-image=...)
+#   ALP_STEP_PREFIX, ALP_TRAINER_PREFIX / ALP_ENGINE_PREFIX  command prefix of every / the trainer's /
+#                   the engines' steps (apptainer: "apptainer exec --nv IMAGE.sif")
+#   ALP_STEP_PYTHON Python inside the trainer's steps when it differs from ALP_PYTHON (a container's)
+#   ALP_ENGINE_PYTHON Python of the engine step and of SGLang (default: ALP_STEP_PYTHON)
 #   ALP_API_KEY     engine API key (default: a random key per job; "none" = no key, private networks only)
 #   ALP_GPU_MEM_GB  GPU memory used by the memory estimate (default 80)
 #   ALP_STOP_GRACE_S  after the batch shell's SIGTERM (#SBATCH --signal=B:TERM@<lead>), how long the
 #                   trainer may take to finish its step and checkpoint before it is cancelled; keep
 #                   it below the lead, and the lead above one RL step + one checkpoint (default 600)
-#   ALP_REQUEUE     1 = requeue the job after a SIGTERM stop (needs #SBATCH --requeue)
+#   ALP_REQUEUE     1 = requeue the job after a SIGTERM stop, planned or step-wide (the scripts
+#                   carry #SBATCH --requeue and --open-mode=append)
 #   NODES           dry run only: node count (default: the script's #SBATCH --nodes)
 
 # ---- environment of every step (the steps inherit it: sbatch/srun --export=ALL) -------------
@@ -45,12 +50,13 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 # Async collectives do not use recordStream: their buffers are freed when the work completes,
 # which lowers peak memory (recommended by Megatron-LM).
 export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
-# When SLURM itself sends SIGTERM to every process (scancel of the job, the time limit), torchrun
-# gives its workers this long before SIGKILL (torch >= 2.12; older versions: 30 s). The planned
-# stop (#SBATCH --signal, preemption) does not go through torchrun: see ALP_STOP_GRACE_S.
+# torchrun runs with SIGTERM ignored (launch/node.py): a step-wide SIGTERM (preemption) reaches the
+# trainer processes, which checkpoint. Should torchrun still stop its workers (SIGINT, SIGHUP), it
+# gives them this long before SIGKILL (torch >= 2.12; older versions: 30 s).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-60}
 # Cluster-specific, set them for your fabric (docs/slurm.md):
-#   export NCCL_SOCKET_IFNAME=ib0        # interface for NCCL's bootstrap/socket traffic
+#   export NCCL_SOCKET_IFNAME=ib0        # interface for NCCL's bootstrap/socket traffic (and the nccl
+#                                        # bus's per-node address; GLOO_SOCKET_IFNAME for gloo)
 #   export NCCL_IB_HCA=mlx5_0,mlx5_1     # InfiniBand adapters NCCL may use
 #   export HF_HOME=/shared/hf            # HF cache on a shared filesystem (hub ids in configs)
 #   export HF_HUB_OFFLINE=1              # compute nodes without internet: fail fast on a missing model

@@ -13,11 +13,13 @@ import torch
 from megatron_alp.runtime.spawn import run_world
 from tests.distributed.layouts import V, build, make_cfg
 
+pytestmark = pytest.mark.slow  # several spawned worlds per case (make test still runs it)
+
 N, L = 8, 12
 
 
 def _batch():
-    from megatron_alp.trainer.actor import RLBatch
+    from megatron_alp.trainer.batch import RLBatch
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, V, (N, L), generator=g)
@@ -61,9 +63,9 @@ def _naive(cfg, spec, full, batch):
 def _world(rank, world_size, extra, packing):
     from megatron_alp.model.alp import alp_block_spec
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
-    from megatron_alp.trainer.actor import Actor
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
     from megatron_alp.trainer.packing import balance_over_dp, sample_lengths
+    from megatron_alp.trainer.setup import make_actor
 
     cfg = make_cfg(extra=["optimizer.lr=0.0", "optimizer.clip_grad=0.0", "run.micro_batch_size=2",
                           "alp.sigma_init=0.05", *extra])
@@ -76,7 +78,7 @@ def _world(rank, world_size, extra, packing):
         model = build(cfg, block_spec=spec, **parallel)
         load_full_state_dict(model, full)
         ddp = wrap_ddp(model)
-        actor = Actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
+        actor = make_actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
         metrics = actor.train_step(data, step=3)
         out[name] = {"loss": metrics.get("train/loss"), "grads": full_state_dict(model, V, grads=True, include_alp=True),
                      "metrics": metrics}

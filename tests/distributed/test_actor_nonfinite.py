@@ -10,13 +10,14 @@ from tests.distributed.layouts import V, build, make_cfg
 
 def _world(rank, world_size):
     from megatron_alp.model.sharding import full_state_dict
-    from megatron_alp.trainer.actor import Actor, RLBatch
+    from megatron_alp.trainer.batch import RLBatch
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
+    from megatron_alp.trainer.setup import make_actor
 
     cfg = make_cfg(extra=["optimizer.lr=1e-2", "run.micro_batch_size=2", "alp.enabled=false"])
     model = build(cfg)
     ddp = wrap_ddp(model)
-    actor = Actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer))
+    actor = make_actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer))
     g = torch.Generator().manual_seed(0)
     batch = RLBatch(tokens=torch.randint(0, V, (4, 10), generator=g), loss_mask=torch.ones(4, 10),
                     rollout_logp=-torch.rand(4, 10, generator=g) - 1, advantages=torch.randn(4, generator=g))
@@ -25,7 +26,9 @@ def _world(rank, world_size):
     with torch.no_grad():  # poison one weight: every logit, hence the loss, becomes NaN
         model.decoder.final_layernorm.weight[0] = float("nan")
     before = full_state_dict(model, V)
-    bad_metrics = actor.train_step(batch, step=1)
+    record = []
+    bad_metrics = actor.train_step(batch, step=1, record=record)
+    bad_metrics.update(actor.step_metrics(record))
     after = full_state_dict(model, V)
     unchanged = all(torch.equal(before[k], after[k]) or (torch.isnan(before[k]) == torch.isnan(after[k])).all()
                     and torch.equal(torch.nan_to_num(before[k]), torch.nan_to_num(after[k])) for k in before)

@@ -104,7 +104,7 @@ def _check(target):
         assert sigma_names == ["decoder.final_layernorm.perturbation.log_sigma"]
     for name in sigma_names:
         assert ref["grads"][name].abs().item() > 0, f"sigma {name} got no gradient"
-    for rank, res in enumerate(results):
+    for res in results:
         assert not any("log_sigma" in n for n in res["export_names"]), "an export carries sigma"
         for key in ("tp2", "tp2_sp", "pp2", "recompute_full", "recompute_selective"):
             got = res[key]

@@ -105,10 +105,10 @@ def _world(rank, world_size, url, bus_dir):
     if rank == 0:
         out["fp8_path"] = pub.path
     # ALP models (both noise targets): sigma is a parameter of the trainer, never exported.
+    from megatron_alp.convert.hf_export import iter_hf_tensors
     from megatron_alp.convert.mapping import WeightMap
     from megatron_alp.model.alp import alp_block_spec
     from megatron_alp.model.sharding import named_global_parameters
-    from megatron_alp.sync.export import iter_hf_tensors
 
     for target in ("layers", "logits"):
         acfg = make_cfg(extra=["alp.enabled=true", f"alp.target={target}"])

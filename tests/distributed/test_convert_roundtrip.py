@@ -61,7 +61,7 @@ def _world(rank, world_size, root, dirs, other):
     init_distributed()
     out = {"verify": {}}
     for kind, src in dirs.items():
-        for a, b in PLANS:
+        for a, _ in PLANS:
             hf_to_mcore(src, _mdir(root, kind, a), *a, progress=False)
         for a, b in PLANS:
             mcore_to_hf(_mdir(root, kind, a), _hdir(root, kind, a, b), *b, progress=False)

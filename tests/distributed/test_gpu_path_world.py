@@ -13,7 +13,7 @@ from tests.distributed.layouts import V, build, make_cfg
 
 
 def _batch():
-    from megatron_alp.trainer.actor import RLBatch
+    from megatron_alp.trainer.batch import RLBatch
 
     g = torch.Generator().manual_seed(0)
     b = RLBatch(tokens=torch.randint(0, V, (4, 10), generator=g), loss_mask=torch.ones(4, 10),
@@ -23,14 +23,14 @@ def _batch():
 
 
 def _actor(lr="1e-2"):
-    from megatron_alp.trainer.actor import Actor
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
+    from megatron_alp.trainer.setup import make_actor
 
     cfg = make_cfg(extra=[f"optimizer.lr={lr}", "run.micro_batch_size=2", "alp.enabled=false"])
     model = build(cfg)
     ddp = wrap_ddp(model)
     opt = Optimizer([ddp], cfg.optimizer)
-    return model, ddp, opt, Actor(cfg, [ddp], opt)
+    return model, ddp, opt, make_actor(cfg, [ddp], opt)
 
 
 def _device_and_nan(rank, world_size):

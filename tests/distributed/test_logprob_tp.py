@@ -78,17 +78,17 @@ def _worker(rank, world_size):
         rlp, rent, rgrad = _reference(full, target, temperature, vocab_size, gl, gh)
         msg = f"case {name!r} rank {rank}"
         assert lp.dtype == torch.float32 and lp.shape == target.shape, msg
-        torch.testing.assert_close(lp.double(), rlp, **FP32_TOL, msg=lambda m: f"{msg} logprob: {m}")
+        torch.testing.assert_close(lp.double(), rlp, **FP32_TOL, msg=lambda m, msg=msg: f"{msg} logprob: {m}")
         if ent is not None:
-            torch.testing.assert_close(ent.double(), rent, **FP32_TOL, msg=lambda m: f"{msg} entropy: {m}")
+            torch.testing.assert_close(ent.double(), rent, **FP32_TOL, msg=lambda m, msg=msg: f"{msg} entropy: {m}")
         tol = FP32_TOL if dtype == torch.float32 else BF16_GRAD_TOL
         assert shard.grad.dtype == dtype, msg
         torch.testing.assert_close(shard.grad.double(), rgrad[..., lo:hi], **tol,
-                                   msg=lambda m: f"{msg} grad: {m}")
+                                   msg=lambda m, msg=msg: f"{msg} grad: {m}")
         # invariance: TP=2 equals our own TP=1 on the full logits
         with torch.no_grad():
             one = vocab_parallel_logprobs(full, target, with_entropy=True, **kw)
-        torch.testing.assert_close(lp, one[0], **FP32_TOL, msg=lambda m: f"{msg} TP=1 vs TP=2: {m}")
+        torch.testing.assert_close(lp, one[0], **FP32_TOL, msg=lambda m, msg=msg: f"{msg} TP=1 vs TP=2: {m}")
         report.append((name, float((lp.double() - rlp).abs().max()),
                        float((shard.grad.double() - rgrad[..., lo:hi]).abs().max())))
 

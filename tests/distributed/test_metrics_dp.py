@@ -42,7 +42,7 @@ def _metrics(inputs, objective, hparams, group):
     from megatron_alp.algo.metrics import compute_metrics
 
     lp, lmu, lold, adv, mask, ent = inputs
-    out = compute_metrics(lp, lmu, mask, old_logp=lold, advantages=adv, entropy=ent, objective=objective,
+    out = compute_metrics(lp, lmu, mask, old_logp=lold, base_logp=lold, advantages=adv, entropy=ent, objective=objective,
                           hparams=hparams, group=group, hist_samples=1_000_000)
     return {k: v.tolist() for k, v in out.items()}
 

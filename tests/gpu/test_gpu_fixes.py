@@ -52,8 +52,8 @@ def _driver_batch(cfg):
 
 def _setup(dtype, extra=()):
     from megatron_alp.model.alp import alp_block_spec
-    from megatron_alp.trainer.actor import Actor
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
+    from megatron_alp.trainer.setup import make_actor
     from tests.distributed.layouts import build, make_cfg
 
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -63,7 +63,7 @@ def _setup(dtype, extra=()):
     ddp = wrap_ddp(model)
     opt = Optimizer([ddp], cfg.optimizer, precision=dtype, alp=cfg.alp,
                     initial_loss_scale=cfg.precision.initial_loss_scale)
-    return cfg, model, ddp, opt, Actor(cfg, [ddp], opt)
+    return cfg, model, ddp, opt, make_actor(cfg, [ddp], opt)
 
 
 def _weights(model):

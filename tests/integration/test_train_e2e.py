@@ -17,6 +17,7 @@ from megatron_alp.config.loader import CONFIG_ROOT
 
 REPO = os.path.dirname(str(CONFIG_ROOT))
 CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
+pytestmark = pytest.mark.slow  # torchrun trainer runs (make test still runs them)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +47,21 @@ def _scalars(run_dir):
     return scal, set(acc.Tags()["histograms"])
 
 
-def _common_checks(run_dir, steps):
+def _common_checks(run_dir, steps, mismatch=True):
+    from megatron_alp.trainer.tb_layout import missing_series, read_layout
+
     scal, hists = _scalars(run_dir)
-    for key in ("rollout/reward_mean", "train/loss", "ratio/token_p99.9", "ratio/token_p0.1", "mismatch/k3",
-                "train/entropy", "perf/step_seconds", "bus/publish_s", "train/grad_norm"):
+    for key in ("rollout/reward_mean", "train/loss", "ratio/token_p99.9", "ratio/token_p0.1", "ratio/k3",
+                "train/entropy", "perf/step_seconds", "bus/publish_s", "train/grad_norm",
+                *(("mismatch/k3",) if mismatch else ())):
         assert key in scal and len(scal[key]) == steps, key
+    assert mismatch == any(k.startswith("mismatch/") for k in scal)  # logging.mismatch_metrics
+    # The custom-scalars layout is in the event files and every series it names was logged.
+    layout = read_layout(os.path.join(run_dir, "tensorboard"))
+    assert layout is not None and [c.title for c in layout.category][:2] == ["ratio tails", "KL and mismatch"]
+    charts = [ch.title for c in layout.category for ch in c.chart]
+    assert "1 token ratio pi/mu: p0.1 / p50 / p99.9" in charts and "1 token ratio pi/mu: min / p50 / max" in charts
+    assert missing_series(layout, scal) == []
     assert "ratio/log_ratio_token_hist" in hists
     assert scal["train/bus_version"][-1] == steps
     versions = sorted(os.listdir(os.path.join(run_dir, "bus")))
@@ -65,6 +76,10 @@ def test_token_alp_tp2(assets, tmp_path):
                  f"eval.datasets=[copy_heldout={assets['heldout']}]", "eval.interval=2", "eval.max_problems=16")
     scal, hists = _common_checks(run, 3)
     assert "alp/sigma_hist" in hists
+    from megatron_alp.trainer.tb_layout import read_layout
+
+    layout = {ch.title for c in read_layout(os.path.join(run, "tensorboard")).category for ch in c.chart}
+    assert {"2 ALP sigma per layer", "4 k3: mismatch (step start) vs first update vs whole step"} <= layout
     assert abs(scal["alp/sigma_mean"][-1] - 0.02) > 1e-4, "sigma did not move"
     assert all(0 < r <= 1 for r in scal["rollout/reward_mean"])
     steps = _steps(run, "eval/copy_heldout/avg@4")
@@ -85,8 +100,8 @@ def _steps(run_dir, tag):
 
 def test_drpo_pp2_alp_off(assets, tmp_path):
     run = _train(assets, str(tmp_path), "drpo_pp2", 2, "parallel.tp=1", "parallel.pp=2", "alp.enabled=false",
-                 "algorithm.objective=drpo", "algorithm.delta=12.5")
-    scal, _ = _common_checks(run, 3)
+                 "algorithm.objective=drpo", "algorithm.delta=12.5", "logging.mismatch_metrics=false")
+    scal, _ = _common_checks(run, 3, mismatch=False)
     assert "drpo/w_mean" in scal and "alp/sigma_mean" not in scal
 
 

@@ -1,7 +1,7 @@
 """A real one-node SLURM for the tests (PLATFORM.md, "SLURM (real, on one machine)").
 
-Debian's ``slurm-wlm`` + ``munge``, installed with apt when missing (root only; a no-op when the
-tools are there). Everything runs as root from one temporary folder: a munge key and ``munged`` on
+Debian's ``slurm-wlm`` + ``munge`` (installed by .ci/run in CI, never by the tests; without them
+the tests skip with the reason). Everything runs as root from one temporary folder: a munge key and ``munged`` on
 its own socket, a ``slurm.conf`` with ``proctrack/linuxproc``, ``task/none``, ``select/cons_tres``,
 ``SlurmUser=root`` and free unprivileged ports, ``slurmctld`` and ``slurmd`` with state, spool,
 logs and pid files inside the folder. ``stop()`` cancels the jobs we submitted (by id), then stops
@@ -32,24 +32,16 @@ def _which(tool: str) -> Optional[str]:
     return shutil.which(tool, path=SEARCH_PATH)
 
 
-def ensure_installed(timeout_s: float = 600) -> Optional[str]:
-    """Install slurm-wlm and munge with apt if a tool is missing; the reason if that is impossible."""
-    if all(_which(t) for t in TOOLS):
-        return None
-    if os.geteuid() != 0:
-        return "slurm-wlm/munge are not installed and installing them with apt needs root"
-    if not _which("apt-get"):
-        return "slurm-wlm/munge are not installed and there is no apt-get to install them"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    update = subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, text=True,
-                            timeout=timeout_s)  # a partial failure may still leave usable lists
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if res.returncode:
-        return (f"`{' '.join(cmd)}` failed ({res.returncode}): {(res.stderr or res.stdout)[-600:]}; "
-                f"apt-get update said: {(update.stderr or 'ok')[-300:]}")
+def unavailable_reason() -> Optional[str]:
+    """Why the local SLURM cannot run here (None when it can). Nothing is installed by the tests:
+    CI installs slurm-wlm and munge in .ci/run; on a workstation, install them yourself (as root,
+    ``apt-get install slurm-wlm munge``) to run these tests."""
     missing = [t for t in TOOLS if not _which(t)]
-    return f"installed slurm-wlm and munge but {missing} are still missing" if missing else None
+    if missing:
+        return f"SLURM is not installed (missing {', '.join(missing)}; apt-get install slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "the local SLURM runs its daemons as root (SlurmUser=root)"
+    return None
 
 
 def _free_port() -> int:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import LocalSlurm, ensure_installed
+from .cluster import LocalSlurm, unavailable_reason
 
 
 @pytest.fixture(scope="session")
 def slurm():
-    reason = ensure_installed()
+    reason = unavailable_reason()
     if reason:
         pytest.skip(f"no local SLURM: {reason}")
     root = Path(tempfile.mkdtemp(prefix="alp-slurm-"))

@@ -7,6 +7,7 @@ HP = {
     "ppo": dict(eps_low=0.2, eps_high=0.28, dual_clip=10.0),
     "mis_token": dict(eps_low=0.2, eps_high=0.28, is_low=0.0, is_high=3.0),
     "mis_seq": dict(eps_low=0.2, eps_high=0.28, is_low=0.0, is_high=5.0, veto=1e-4),
+    "mis_seq_geo": dict(eps_low=3e-4, eps_high=4e-4, is_low=0.0, is_high=5.0, dual_clip=100.0),
     "tis_token": dict(eps_low=0.2, eps_high=0.28, is_high=2.0),
     "tis_seq": dict(eps_low=0.2, eps_high=0.28, is_high=5.0),
     "dppo_tv": dict(delta=0.15),

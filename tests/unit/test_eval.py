@@ -158,9 +158,9 @@ def test_multi_turn_with_a_tool_call(tmp_path, tokenizer):
     bench = write_jsonl(tmp_path / "tool.jsonl", [{"problem": "6*7=", "answer": "42"}])
 
     def script(text, params):
-        if "```output" not in text:  # first turn: a tool call announced by the output fence
-            return "```python\nprint(6*7)\n```\n```output", "stop", "```output"
-        return ("\\boxed{42}" if "42" in text.split("```output")[-1] else "\\boxed{0}"), "stop", None
+        if "Code execution result: " not in text:  # first turn: a closed code block (docs/tir.md)
+            return "```python\nprint(6*7)\n```", "stop", "```"
+        return ("\\boxed{42}" if "42" in text.split("Code execution result: ")[-1] else "\\boxed{0}"), "stop", None
 
     rollout = RolloutConfig(reward="math", data=DataConfig(apply_chat_template=False),
                             multi_turn=MultiTurnConfig(enabled=True, max_turns=3, max_response_len=256))

@@ -25,7 +25,7 @@ EXP = CONFIG_ROOT / "experiments"
 EXPERIMENTS = sorted(EXP.rglob("*.yaml"))
 ALP_PRESETS = {"token_alp", "seq_alp", "seq_bypass", "token_mis", "seq_mis", "grpo", "gspo"}
 OBJECTIVES = {"token_alp": "bypass_token", "seq_alp": "bypass_seq", "seq_bypass": "bypass_seq",
-              "token_mis": "mis_token", "seq_mis": "mis_seq", "grpo": "ppo", "gspo": "bypass_geo"}
+              "token_mis": "mis_token", "seq_mis": "mis_seq", "grpo": "ppo", "gspo": "mis_seq_geo"}
 PRECISIONS = {"bf16": ("bf16", "bf16"), "fp8_rollout": ("bf16", "fp8"), "fp8_e2e": ("fp8", "fp8")}
 DRPO_OBJECTIVES = {"grpo": "bypass_token", "dppo": "dppo_tv", "drpo": "drpo"}
 
@@ -108,6 +108,8 @@ def test_alp_single_turn_reference_hparams(preset):
     assert a.objective == OBJECTIVES[preset] and cfg.alp.enabled == preset.endswith("_alp")
     if cfg.alp.enabled:
         assert (cfg.alp.sigma_init, cfg.alp.sigma_lr) == (pytest.approx(0.02), pytest.approx(1e-2))
+    if preset.endswith("_mis"):  # rejection-sampling default: lower = 1 / upper (verl rollout IS)
+        assert (a.is_low, a.is_high) == (pytest.approx(1 / 3), 3.0)
 
 
 @pytest.mark.parametrize("preset", sorted(ALP_PRESETS))
@@ -117,14 +119,26 @@ def test_alp_multi_turn_reference_hparams(preset):
     assert cfg.model.hf_path == "Qwen/Qwen2.5-7B" and cfg.model.hidden_size == 3584
     assert (run.prompts_per_step, r.n_samples, run.prompts_per_step // run.mini_batches_per_step) == (128, 16, 32)
     assert cfg.optimizer.lr == pytest.approx(1e-6) and cfg.optimizer.clip_grad == 1.0
-    assert mt.enabled and mt.max_turns == 5 and mt.max_response_len == 8192
-    assert r.data.max_prompt_len == 16384 and a.kl_coef == 0.0
+    # reference train_perturb.sh: 8000 per turn, 16000 per response, first prompt 4096, obs 256
+    assert mt.enabled and mt.max_turns == 5 and mt.max_response_len == 16000 and r.max_new_tokens == 8000
+    assert r.data.max_prompt_len == 4096 and mt.observation_max_tokens == 256 and a.kl_coef == 0.0
+    assert r.data.label_key == "reward_model.ground_truth" and r.data.instruction == "simpletir"
+    assert 151645 in r.stop_token_ids  # <|im_end|>: Qwen2.5 base declares only <|endoftext|>
     assert a.objective == OBJECTIVES[preset] and cfg.alp.enabled == preset.endswith("_alp")
     assert a.dual_clip == (100.0 if preset == "gspo" else 3.0)
     if cfg.alp.enabled:
         assert (cfg.alp.sigma_init, cfg.alp.sigma_lr) == (pytest.approx(1e-6), pytest.approx(5e-4))
-    if preset.endswith("_mis"):
+    if preset.endswith("_mis") or preset == "gspo":  # ALP reference train_mis.sh / train_gspo.sh
         assert (a.is_low, a.is_high) == (0.0, 5.0)
+    if preset in ("seq_bypass", "token_mis", "seq_mis", "grpo"):  # train_bypass.sh / train_mis.sh
+        assert (a.eps_low, a.eps_high) == (0.2, 0.28)
+
+
+def test_drpo_precision_grpo_cell_has_dual_clip_off():
+    """The DPPO authors' GRPO comparison: dual clip effectively off (c = 10000)."""
+    for precision in PRECISIONS:
+        a = load_experiment(EXP / "drpo_precision" / f"grpo_{precision}.yaml").algorithm
+        assert a.objective == "bypass_token" and a.dual_clip == 10000.0
 
 
 @pytest.mark.parametrize("method", sorted(DRPO_OBJECTIVES))
@@ -154,4 +168,6 @@ def test_mini_repro_has_mismatch_and_staleness():
             continue
         cfg = load_config(path)
         assert cfg.rollout.precision == "fp8" and cfg.precision.train == "fp32", path.name
-        assert cfg.run.mini_batches_per_step >= 8 and cfg.algorithm.recompute_old_logp, path.name
+        assert cfg.run.mini_batches_per_step >= 8, path.name
+        # mismatch/* (unperturbed pi_old vs mu) is logged for every method, recomputed or not.
+        assert cfg.logging.mismatch_metrics, path.name

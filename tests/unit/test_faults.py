@@ -78,6 +78,12 @@ class FakeDriver:
         self.stream.pos += 4  # the prompts of this step were taken
         return self.behaviour()
 
+    def state_dict(self):  # RolloutDriver's resume seam
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state["stream"])
+
 
 @pytest.fixture
 def stop_flag():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from megatron_alp.config import load_config
 from megatron_alp.config.loader import CONFIG_ROOT
 from megatron_alp.launch.engines_spec import build_engine_spec, engine_start_path, wait_healthy
@@ -28,7 +30,12 @@ def test_sglang_engines_over_two_rollout_nodes(tmp_path):
     cmds = [e["cmd"] for node in ("g2", "g3") for e in spec[node]]
     assert [_flag(c, "--base-gpu-id") for c in cmds] == ["0", "4", "0", "4"]  # GPUs inside each node
     assert [_flag(c, "--random-seed") for c in cmds] == [str(cfg.rollout.seed + k) for k in range(4)]
-    assert all(_flag(c, "--host") == "0.0.0.0" and _flag(c, "--api-key") == "KEY" for c in cmds)
+    assert all(_flag(c, "--host") == "0.0.0.0" for c in cmds)
+    # The key is not on any command line (world-readable in /proc): SGLang reads it from a 0600 file.
+    assert all("KEY" not in c and _flag(c, "-m") == "megatron_alp.launch.sglang_main" for c in cmds)
+    key_file = tmp_path / "api_key"
+    assert key_file.read_text() == "KEY" and oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert all(e["env"] == {"ROLLOUT_API_KEY_FILE": str(key_file)} for v in spec.values() for e in v)
     assert [e["url"] for e in spec["g3"]] == ["http://g3:30000", "http://g3:30001"] == plan.engine_urls[2:]
 
 
@@ -147,3 +154,26 @@ def test_children_of_a_process():
     finally:
         child.kill()
         child.wait()
+
+
+def test_sglang_main_reads_the_key_from_its_file(tmp_path, monkeypatch):
+    import sys
+
+    from megatron_alp.launch import sglang_main
+
+    key = tmp_path / "api_key"
+    key.write_text("K123\n")
+    assert sglang_main.key_args({"ROLLOUT_API_KEY_FILE": str(key)}) == ["--api-key", "K123"]
+    assert sglang_main.key_args({"ROLLOUT_API_KEY": "E1"}) == ["--api-key", "E1"]
+    assert sglang_main.key_args({}) == []
+    with pytest.raises(SystemExit, match="ROLLOUT_API_KEY_FILE=.*missing.*cannot read"):
+        sglang_main.key_args({"ROLLOUT_API_KEY_FILE": str(tmp_path / "missing")})
+    ran = {}
+    monkeypatch.setattr(sglang_main.runpy, "run_module", lambda name, **kw: ran.update(name=name, argv=sys.argv))
+    monkeypatch.setattr(sys, "argv", ["x", "--port", "1"])
+    monkeypatch.setenv("ROLLOUT_API_KEY_FILE", str(key))
+    sglang_main.main()
+    assert ran == {"name": "sglang.launch_server", "argv": ["sglang.launch_server", "--port", "1", "--api-key", "K123"]}
+    monkeypatch.setattr(sys, "argv", ["x", "--api-key", "visible"])
+    with pytest.raises(SystemExit, match="--api-key on the command line"):
+        sglang_main.main()

@@ -19,10 +19,24 @@ EXP = CONFIG_ROOT / "experiments"
 REPO = CONFIG_ROOT.parent
 # config, nodes, trainer nodes, (tp, pp, dp), engines in all, estimated GB per trainer GPU
 JOBS = {
-    "7b": ("train_7b_alp.yaml", 4, 2, (4, 1, 4), 16, 35.6),
-    "32b": ("train_32b_alp.yaml", 8, 4, (8, 1, 4), 8, 50.2),
+    "7b": ("train_7b_alp.yaml", 4, 2, (4, 1, 4), 16, 33.1),
+    "32b": ("train_32b_alp.yaml", 8, 4, (8, 1, 4), 8, 48.7),
     "70b": ("train_70b_alp.yaml", 16, 8, (8, 4, 2), 16, 35.5),
 }
+
+
+def _verl_parquet(path, label=True):
+    """Two records in verl's layout (chat-message prompt, answer at reward_model.ground_truth)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "data_source": "t",
+             "answer": str(i + 1), "reward_model": {"style": "rule", "ground_truth": str(i + 1)}} for i in range(2)]
+    if not label:
+        for r in rows:
+            r.pop("answer")
+            r["reward_model"] = {"style": "rule"}
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
 
 
 @pytest.fixture
@@ -32,7 +46,7 @@ def paths(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     (tmp_path / "mcore").mkdir()
-    (tmp_path / "data.parquet").write_text("")
+    _verl_parquet(tmp_path / "data.parquet")
     # run/bus: a creatable path outside the node-local prefixes (the configs' relative defaults
     # would resolve under the checkout, which CI may place in /tmp). Nothing is created there.
     shared = os.path.join(os.path.expanduser("~"), ".alp-plan-test")
@@ -41,8 +55,27 @@ def paths(tmp_path):
             f"bus.dir={shared}/bus"]
 
 
+def _write_hf_config(cfg_file, overrides) -> None:
+    """The model directory's config.json, built from the job's model section: the trainer refuses
+    a model section that differs from it (convert/model_check.py)."""
+    import json
+
+    import torch
+
+    from megatron_alp.convert.hf_config import hf_config_for_export
+
+    hf = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.hf_path=")), None)
+    if hf and os.path.isdir(hf):
+        model = load_config(cfg_file, [o for o in overrides if o.startswith("model.")]).model
+        config = hf_config_for_export(model, torch.bfloat16)
+        config.pop("eos_token_id", None)  # as a base model's: the stop set must carry the end-of-turn token
+        with open(os.path.join(hf, "config.json"), "w") as f:
+            json.dump(config, f)
+
+
 def _spec(name: str, overrides=(), **kw) -> JobSpec:
     cfg, nodes, trainers, *_ = JOBS[name]
+    _write_hf_config(EXP / cfg, overrides)
     base = dict(nodes=[f"gpu{i:02d}" for i in range(nodes)], gpus_per_node=8, trainer_nodes=trainers, job_id=1234)
     base.update(kw)
     return JobSpec(str(EXP / cfg), list(overrides), **base)
@@ -107,9 +140,10 @@ def test_batch_that_does_not_split_over_dp_is_refused(paths):
                                "run.prompts_per_step=3", "rollout.n_samples=5"]))
 
 
-def test_fp8_sglang_engines_started_by_the_launcher_are_refused(paths):
+def test_fp8_sglang_engines_start_on_a_version_0_written_before_them(paths):
     c = check_job(_spec("7b", [*paths, "rollout.precision=fp8"]))
-    assert any("rollout.precision = fp8 with SGLang engines started by the launcher" in p for p in c.problems)
+    assert c.ok, c.problems
+    assert any("writes bus version 0 (block FP8)" in n for n in c.notes)
 
 
 def test_one_node_cpu_and_attached_plans():
@@ -141,3 +175,13 @@ def test_plan_shows_the_rollout_staleness(paths):
     assert "max_staleness 0 (synchronous)" in render(check_job(_spec("7b", paths)))
     text = render(check_job(_spec("7b", paths + ["rollout.max_staleness=2", "rollout.span_policy=keep"])))
     assert "max_staleness 2 (keep)" in text
+
+
+def test_dry_run_refuses_missing_labels_and_a_stop_set_without_end_of_turn(paths, tmp_path):
+    unlabeled = tmp_path / "unlabeled.parquet"
+    _verl_parquet(unlabeled, label=False)
+    c = check_job(_spec("7b", [*paths, f"rollout.data.path={unlabeled}"]))
+    assert any("rollout.data.label_key = reward_model.ground_truth: 2 of 2 records" in p for p in c.problems)
+    c = check_job(_spec("7b", [*paths, "rollout.stop_token_ids=[151643]"]))
+    assert any("lacks the chat template's end-of-turn token <|im_end|> (151645)" in p for p in c.problems)
+    assert check_job(_spec("7b", paths)).ok

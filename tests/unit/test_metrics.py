@@ -46,16 +46,18 @@ def test_ratio_quantiles_are_torch_quantiles_of_the_masked_values():
     assert out["train/response_length_mean"].item() == pytest.approx(m.sum().item() / mask.shape[0])
 
 
-@pytest.mark.parametrize("with_old", [True, False])
-def test_mismatch_metrics_formulas(with_old):
+def test_mismatch_metrics_formulas():
+    """mismatch/* compares base_logp (unperturbed pi_old) with mu, whatever logp and old_logp are."""
     lp, lmu, lold, _, mask = _batch(seed=1)
-    out = compute_metrics(lp, lmu, mask, old_logp=lold if with_old else None)
-    src = lold if with_old else lp
+    base = (lmu + 0.3 * torch.randn(lmu.shape, generator=torch.Generator().manual_seed(9), dtype=D)).clamp(max=-1e-3)
+    out = compute_metrics(lp, lmu, mask, old_logp=lold, base_logp=base)
+    src = base
     m = mask > 0
     d = (src - lmu)[m]
     w = d.exp()
     n = d.numel()
     assert _close(out["mismatch/k1"], (-d).mean())
+    assert _close(out["mismatch/k2"], (0.5 * d**2).mean())
     assert _close(out["mismatch/k3"], (w - d - 1).mean())
     assert _close(out["mismatch/chi2_token"], (w**2).mean() - 1)
     assert _close(out["mismatch/ess_token"], w.sum() ** 2 / (w**2).sum() / n)
@@ -68,6 +70,38 @@ def test_mismatch_metrics_formulas(with_old):
     assert _close(out["mismatch/ppl_train"], math.exp(-src[m].mean()))
     assert _close(out["mismatch/ppl_rollout"], math.exp(-lmu[m].mean()))
     assert _close(out["mismatch/ppl_ratio"], out["mismatch/ppl_train"] / out["mismatch/ppl_rollout"])
+    # ratio/k*: the trained policy vs mu; staleness/k*: the trained policy vs the recomputed pi_old.
+    for prefix, anchor in (("ratio", lmu), ("staleness", lold)):
+        x = (lp - anchor)[m]
+        assert _close(out[f"{prefix}/k1"], (-x).mean())
+        assert _close(out[f"{prefix}/k2"], (0.5 * x**2).mean())
+        assert _close(out[f"{prefix}/k3"], (x.exp() - x - 1).mean())
+
+
+def test_no_mismatch_metrics_without_base_logp():
+    lp, lmu, lold, _, mask = _batch(seed=1)
+    out = compute_metrics(lp, lmu, mask, old_logp=lold)
+    assert not [k for k in out if k.startswith("mismatch/")]
+    assert "staleness/k3" in out and "ratio/k3" in out
+    assert "staleness/k3" not in compute_metrics(lp, lmu, mask)
+
+
+@pytest.mark.parametrize("objective", ["bypass_seq", "bypass_geo", "mis_seq_geo", "ppo"])
+def test_loss_ratio_quantiles_are_token_weighted(objective):
+    """ratio/loss_*: the ratio the clip sees, a sequence's ratio counted once per token."""
+    lp, lmu, lold, adv, mask = _batch(seed=6)
+    out = compute_metrics(lp, lmu, mask, old_logp=lold, advantages=adv, objective=objective, hparams=HP[objective])
+    m = mask > 0
+    anchor = lold if objective in ("mis_seq_geo", "ppo") else lmu
+    d = (lp - anchor) * mask
+    n = mask.sum(-1, keepdim=True)
+    per_tok = {"bypass_seq": d.sum(-1, keepdim=True).expand_as(d), "bypass_geo": (d.sum(-1, keepdim=True) / n).expand_as(d),
+               "mis_seq_geo": (d.sum(-1, keepdim=True) / n).expand_as(d), "ppo": d}[objective]
+    vals = per_tok[m].clamp(-20, 20).exp()
+    ref = torch.quantile(vals, torch.tensor(QS, dtype=D))
+    for (_, label), want in zip(QUANTILES, ref):
+        assert _close(out[f"ratio/loss_{label}"], want), label
+    assert _close(out["ratio/loss_max"], vals.max())
 
 
 def test_clip_fractions_by_hand():
@@ -140,7 +174,7 @@ def test_nonfinite_inputs_are_counted_and_excluded():
     keep[[0, 2]] = 0
     ref = compute_metrics(lp.nan_to_num(0.0), lmu.nan_to_num(0.0, neginf=0.0), keep)
     assert _close(out["ratio/token_p50"], ref["ratio/token_p50"])
-    assert _close(out["mismatch/k3"], ref["mismatch/k3"])
+    assert _close(out["ratio/k3"], ref["ratio/k3"])
     tok = compute_metrics(lp, lmu, mask, advantages=adv, objective="bypass_token", hparams=HP["bypass_token"])
     assert tok["train/dropped_tokens"].item() == 2
 
@@ -158,7 +192,7 @@ def test_huge_sequence_ratios_keep_ess_finite():
     lmu = torch.full((3, 400), math.log(0.01), dtype=D)
     lp = torch.log(torch.full((3, 400), 0.99, dtype=D))  # sequence log-ratio ~ 1837
     lp[1] = lmu[1]
-    out = compute_metrics(lp, lmu, torch.ones(3, 400, dtype=D))
+    out = compute_metrics(lmu, lmu, torch.ones(3, 400, dtype=D), base_logp=lp)
     # two equal dominant weights W and one of 1: (2W)^2 / (2 W^2) / 3 = 2/3, without overflow
     assert out["mismatch/ess_seq"].item() == pytest.approx(2 / 3)
     assert out["mismatch/chi2_seq"].item() == math.inf
@@ -170,12 +204,12 @@ def test_every_metric_has_a_reduction_rule():
     lp, lmu, lold, adv, mask = _batch(seed=5)
     seen = set()
     for obj in OBJECTIVES:
-        out = compute_metrics(lp, lmu, mask, old_logp=lold, advantages=adv, entropy=lp.exp(),
+        out = compute_metrics(lp, lmu, mask, old_logp=lold, base_logp=lold, advantages=adv, entropy=lp.exp(),
                               objective=obj, hparams=HP[obj])
         seen |= set(out)
     rules = {k: reduction_of(k) for k in seen}
     assert set(rules.values()) <= {"sum", "min", "max", "quantile", "samples", "mean"}
-    assert all(k.split("/")[0] in ("ratio", "mismatch", "drpo", "train") for k in seen)
+    assert all(k.split("/")[0] in ("ratio", "mismatch", "staleness", "drpo", "train") for k in seen)
     assert rules["ratio/token_p99.9"] == "quantile" and rules["drpo/w_p0.1"] == "quantile"
     assert rules["ratio/seq_min"] == "min" and rules["mismatch/abs_prob_diff_max"] == "max"
     assert rules["train/tokens"] == "sum" and rules["train/nonfinite_logp"] == "sum"

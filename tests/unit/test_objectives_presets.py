@@ -18,15 +18,20 @@ EXPECTED = {
     "token_alp": (True, dict(objective="bypass_token", eps_low=0.5, eps_high=3.0, dual_clip=10.0)),
     "seq_alp": (True, dict(objective="bypass_seq", eps_low=0.5, eps_high=3.0, dual_clip=10.0)),
     "seq_bypass": (False, dict(objective="bypass_seq", eps_low=0.5, eps_high=3.0)),
-    "token_mis": (False, dict(objective="mis_token", eps_low=0.2, eps_high=0.28, is_low=0.0, recompute_old_logp=True)),
-    "seq_mis": (False, dict(objective="mis_seq", eps_low=0.2, eps_high=0.28, is_low=0.0, recompute_old_logp=True)),
+    # single-turn MIS: lower bound 1 / upper (verl rollout IS, threshold_lower null = 1/upper)
+    "token_mis": (False, dict(objective="mis_token", eps_low=0.2, eps_high=0.28, is_low=1 / 3, is_high=3.0,
+                              recompute_old_logp=True)),
+    "seq_mis": (False, dict(objective="mis_seq", eps_low=0.2, eps_high=0.28, is_low=1 / 3, is_high=3.0,
+                            recompute_old_logp=True)),
     "grpo": (False, dict(objective="ppo", eps_low=0.2, eps_high=0.28, recompute_old_logp=True)),
-    "gspo": (False, dict(objective="bypass_geo", eps_low=3e-4, eps_high=4e-4, dual_clip=100.0)),
+    # GSPO as the ALP reference's multi-turn/train_gspo.sh: geometric ratio vs recomputed pi_old, seq MIS mask 0..5
+    "gspo": (False, dict(objective="mis_seq_geo", eps_low=3e-4, eps_high=4e-4, dual_clip=100.0, is_low=0.0,
+                         is_high=5.0, veto=None, recompute_old_logp=True, kl_coef=0.0)),
     "dppo_tv": (False, dict(objective="dppo_tv", delta=0.15, trunc=None)),
     "dppo_kl": (False, dict(objective="dppo_kl", delta=0.05, trunc=None)),
     "drpo": (False, dict(objective="drpo", delta=12.5, aggregation="seq-mean-token-sum-norm", horizon=8192,
                          advantage="grpo_no_std")),
-    "spo": (False, dict(objective="spo", advantage="grpo_no_std")),
+    "spo": (False, dict(objective="spo", delta=12.5, advantage="grpo_no_std")),  # UniRL DRPO/config.yaml
     "drpo_mask": (False, dict(objective="drpo_mask", delta=12.5, dppo_delta=0.15)),
 }
 
@@ -57,7 +62,17 @@ def test_preset_composes_with_overrides():
 
 
 def test_config_objective_list_matches_implementation():
-    assert tuple(algo_config.OBJECTIVES) == tuple(OBJECTIVES)
+    import dataclasses
+    import typing
+
+    from megatron_alp.algo.objectives import _FAMILY_LOSS
+    from megatron_alp.algo.registry import REGISTRY
+
+    allowed = typing.get_args(typing.get_type_hints(algo_config.AlgorithmConfig)["objective"])
+    assert allowed == tuple(OBJECTIVES) == tuple(REGISTRY)
+    assert {o.family for o in REGISTRY.values()} == set(_FAMILY_LOSS), "a family without a loss function"
+    for name, spec in REGISTRY.items():  # every hyper-parameter is a field of the config section
+        assert set(spec.hparam_names) <= {f.name for f in dataclasses.fields(algo_config.AlgorithmConfig)}, name
 
 
 @pytest.mark.parametrize(

@@ -216,7 +216,7 @@ def _rand_inputs(b=3, tt=5, seed=0):
     return lp, lmu, lold, adv, torch.ones(b, tt, dtype=D)
 
 
-SEQ_LEVEL = {"bypass_seq", "bypass_geo", "mis_seq", "tis_seq"}
+SEQ_LEVEL = {"bypass_seq", "bypass_geo", "mis_seq", "mis_seq_geo", "tis_seq"}
 
 
 def test_hp_table_covers_every_objective():
@@ -233,7 +233,7 @@ def test_nonfinite_logprobs_are_masked_not_propagated(where, bad_value):
         inputs[where][1, 2] = bad_value
         leaf = inputs["logp"].clone().requires_grad_(True)
         out = token_losses(obj, leaf, inputs["rollout_logp"], adv, mask, old_logp=inputs["old_logp"], **hp)
-        uses_input = where != "old_logp" or obj in {"ppo", "mis_token", "mis_seq", "tis_token", "tis_seq"}
+        uses_input = where != "old_logp" or obj in {"ppo", "mis_token", "mis_seq", "mis_seq_geo", "tis_token", "tis_seq"}
         assert torch.isfinite(out).all(), (obj, where)
         out.sum().backward()
         assert torch.isfinite(leaf.grad).all(), (obj, where)
@@ -309,3 +309,37 @@ def test_low_precision_inputs_computed_in_fp32():
     lp, lmu, lold, adv, mask = _rand_inputs()
     out = token_losses("drpo", lp.to(torch.bfloat16), lmu.to(torch.bfloat16), adv, mask, delta=12.5)
     assert out.dtype == torch.float32
+
+
+def test_mis_seq_geo_is_gspo_with_sequence_mask():
+    """GSPO as the ALP reference runs it: PPO clip of (pi/pi_old)^(1/|y|) (straight-through), times
+    the detached sequence weight prod pi_old/mu kept only inside [is_low, is_high]."""
+    lp, lmu, lold, adv, mask = _rand_inputs()
+    mask[0, 3:] = 0
+    hp = dict(eps_low=3e-4, eps_high=4e-4, is_low=0.0, is_high=5.0, dual_clip=100.0)
+    out = token_losses("mis_seq_geo", lp, lmu, adv, mask, old_logp=lold, **hp)
+    m = mask > 0
+    for i in range(lp.shape[0]):
+        n = m[i].sum()
+        rho = math.exp(((lp[i] - lold[i])[m[i]]).sum().item() / n.item())
+        a = adv[i, 0].item()
+        clip = min(max(rho, 1 - 3e-4), 1 + 4e-4)
+        loss = max(-a * rho, -a * clip)
+        if a < 0:
+            loss = min(loss, -a * 100.0)
+        w = math.exp(((lold[i] - lmu[i])[m[i]]).sum().item())
+        w = w if w <= 5.0 else 0.0
+        want = torch.where(m[i], torch.full_like(lp[i], w * loss), torch.zeros_like(lp[i]))
+        assert torch.allclose(out[i], want, rtol=1e-10, atol=1e-12), i
+
+
+def test_dppo_huge_log_ratio_stays_finite():
+    """The DPPO weight's log-ratio is clamped at +-20: a 1000-nat ratio on a masked-out (invalid)
+    token would otherwise give inf * 0 = NaN."""
+    lp = torch.tensor([[-0.01, -0.5]], dtype=D, requires_grad=True)
+    lmu = torch.tensor([[-1000.0, -0.6]], dtype=D)
+    for obj in ("dppo_tv", "dppo_kl"):
+        out = token_losses(obj, lp, lmu, torch.tensor([1.0], dtype=D), torch.ones(1, 2, dtype=D), delta=0.15)
+        assert torch.isfinite(out).all(), obj
+        out.sum().backward()
+        assert torch.isfinite(lp.grad).all(), obj

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_alp.model.alp.noise import gaussian_codes, token_codes
-from megatron_alp.trainer.actor import RLBatch
+from megatron_alp.trainer.batch import RLBatch
 from megatron_alp.trainer.batching import dp_balanced_shard, dp_shard, mini_batches, split_rows
 from megatron_alp.trainer.packing import balance_over_dp, make_packs, plan_packs, sample_lengths
 

@@ -79,3 +79,64 @@ def test_prompt_stream_is_resumable(tok):
     b.load_state_dict(state)
     assert [p.label for p in b.next_batch(6)] == rest
     assert sorted(first + rest[:2]) == list(range(7))  # one epoch covers every prompt once
+
+
+VERL = [{"prompt": [{"role": "user", "content": "What is 2+2?"}], "data_source": "d", "ability": "math",
+         "reward_model": {"style": "rule", "ground_truth": "4"}, "extra_info": {"index": 0}}]
+
+
+def test_dotted_label_key_reads_verl_records_and_missing_labels_fail(tok, tmp_path):
+    path = tmp_path / "verl.parquet"
+    pq.write_table(pa.Table.from_pylist(VERL), path)
+    cfg = DataConfig(path=str(path), label_key="reward_model.ground_truth")
+    (p,) = load_prompts(cfg, tok)
+    assert p.label == "4" and p.metadata["data_source"] == "d"
+    with pytest.raises(KeyError, match="record 0 has no 'answer' field .*reward_model.ground_truth"):
+        load_prompts(DataConfig(path=str(path)), tok)  # the default label_key: no silent zero reward
+    (p,) = load_prompts(DataConfig(path=str(path), require_label=False), tok)
+    assert p.label is None
+
+
+def test_instruction_is_prepended_to_the_user_message(tok):
+    from rollout.prompts import SIMPLETIR
+
+    (p,), _ = build_prompts(VERL, tok, DataConfig(label_key="reward_model.ground_truth", instruction="simpletir"))
+    assert p.text == f"<|im_start|>user\n{SIMPLETIR}What is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert SIMPLETIR.startswith("Solve the following problem step by step.") and SIMPLETIR.endswith("User Question:\n")
+    (p,), _ = build_prompts(RECORDS[:1], tok, DataConfig(instruction="Q: "))
+    assert "<|im_start|>user\nQ: What is 2+2?<|im_end|>" in p.text
+
+
+def _converter():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert_data.py")
+    spec = importlib.util.spec_from_file_location("convert_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_convert_data_from_verl_and_hf_dumps(tok, tmp_path, capsys):
+    conv = _converter()
+    pq.write_table(pa.Table.from_pylist(VERL), tmp_path / "verl.parquet")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "train.jsonl").write_text(
+        json.dumps({"problem": "Sum 1..3? Let's think step by step.", "answer": "6"}) + "\n"
+        + json.dumps({"question": "Half of 3?", "solution": "It is \\boxed{\\frac{3}{2}}."}) + "\n")
+    out = tmp_path / "ours.jsonl"
+    assert conv.main([str(tmp_path / "verl.parquet"), str(hf), "--out", str(out),
+                      "--strip", "Let's think step by step."]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["4", "6", "\\frac{3}{2}"]
+    assert rows[0]["prompt"] == VERL[0]["prompt"] and rows[0]["data_source"] == "d"
+    assert rows[1]["prompt"] == [{"role": "user", "content": "Sum 1..3?"}]
+    prompts = load_prompts(DataConfig(path=str(out)), tok)  # the defaults read the output
+    assert [p.label for p in prompts] == ["4", "6", "\\frac{3}{2}"]
+    (hf / "bad.json").write_text(json.dumps([{"problem": "no answer here"}]))
+    with pytest.raises(SystemExit, match="bad.json: record 0 has no answer"):
+        conv.main([str(hf), "--out", str(out)])
+    assert conv.main([str(hf), "--out", str(tmp_path / "o.parquet"), "--skip-unlabeled"]) == 0
+    assert "1 without question or answer skipped" in capsys.readouterr().out

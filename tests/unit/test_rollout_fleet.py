@@ -254,3 +254,30 @@ def test_a_response_from_the_version_it_was_issued_at_is_kept_across_an_update()
 
     run(rogue())
     assert fleet.live_urls == []
+
+
+def test_sticky_handles_keep_every_turn_on_one_engine_and_fail_over():
+    engines = [FakeEngine(f"e{i}") for i in range(3)]
+
+    async def main():
+        fleet = Fleet(engines)
+        handles = [fleet.sticky(f"s{k}") for k in range(6)]
+
+        async def sample(h):
+            served = []
+            for _ in range(4):  # four turns, interleaved with the other samples
+                served.append((await h.generate([1], {})).engine)
+            return served
+
+        paths = await asyncio.gather(*(sample(h) for h in handles))
+        assert all(len(set(p)) == 1 for p in paths)  # least-loaded would spread a sample's turns
+        assert sorted(p[0] for p in paths) == ["e0", "e0", "e1", "e1", "e2", "e2"]  # first turns balanced
+        first = handles[0]
+        home = paths[0][0]
+        next(e for e in engines if e.url == home).dead = True
+        other = (await first.generate([1], {})).engine
+        assert other != home and (await first.generate([1], {})).engine == other  # re-homed, sticky again
+        first.release()
+        assert "s0" not in fleet._sticky and len(fleet._sticky) == 5
+
+    asyncio.run(main())

@@ -85,6 +85,7 @@ def test_sglang_command_minimal():
     router = router_command(RolloutConfig(engine="sglang"), ["http://a:1", "http://b:2"], port=9)
     assert router[1:3] == ["-m", "sglang_router.launch_router"]
     assert router[router.index("--worker-urls") + 1:] == ["http://a:1", "http://b:2"]
+    assert router[router.index("--policy") + 1] == "cache_aware"  # multi-turn prefixes stay on one server
 
 
 def test_local_engine_command():

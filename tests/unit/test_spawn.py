@@ -27,6 +27,12 @@ def _fail_on_rank1(rank, world_size):
     return rank
 
 
+def _env_probe(rank, world_size):
+    import os
+
+    return os.environ.get("ALP_SPAWN_PROBE"), os.environ.get("OMP_NUM_THREADS"), os.environ.get("RANK")
+
+
 def _hang(rank, world_size):
     time.sleep(60)
 
@@ -46,3 +52,11 @@ def test_timeout_instead_of_hang():
     with pytest.raises(TimeoutError, match="did not finish within 3 s"):
         run_world(_hang, 2, timeout=3)
     assert time.monotonic() - t0 < 30
+
+
+def test_workers_see_the_callers_current_environment(monkeypatch):
+    # Worlds fork from a long-lived forkserver: the caller's environment must still reach them.
+    run_world(_env_probe, 1, timeout=120)  # the server is up (maybe from an earlier test)
+    monkeypatch.setenv("ALP_SPAWN_PROBE", "after-the-server-started")
+    out = run_world(_env_probe, 2, timeout=120, env={"OMP_NUM_THREADS": "2"})
+    assert out == [("after-the-server-started", "2", "0"), ("after-the-server-started", "2", "1")]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple
-
-import torch
+from typing import Dict
 
 
 def is_alp_param(name: str, param=None) -> bool:
@@ -31,8 +29,3 @@ def sigma_param_group_overrides(alp, weight_decay: float) -> Dict:
     # is_expert_parallel, is_decoupled_lr); without it sigma's group would collide with the
     # undecayed 1-D weights' group on resume. It is also what the group is: a decoupled LR.
     return {key: {"max_lr": alp.sigma_lr, "min_lr": alp.sigma_lr, "wd_mult": wd_mult, "is_decoupled_lr": True}}
-
-
-def sigma_values(named_params: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, float]:
-    """{name: sigma} for this rank's ALP parameters (for metrics)."""
-    return {n: float(p.detach().float().exp()) for n, p in named_params if is_alp_param(n, p)}

@@ -86,14 +86,14 @@ def alp_layer_spec(stock: ModuleSpec, alp) -> ModuleSpec:
     return spec
 
 
-def alp_block_spec(model, alp, config):
+def alp_block_spec(model_cfg, alp, config):
     """Block spec for this pipeline stage with ALP placed per ``alp`` (enabled or not)."""
-    stock = stock_layer_spec(model)
+    stock = stock_layer_spec(model_cfg)
     if not alp.enabled:
-        return stock_block_spec(model, config, stock)
-    chosen = set(perturbed_layers(alp, model.num_layers))
+        return stock_block_spec(model_cfg, config, stock)
+    chosen = set(perturbed_layers(alp, model_cfg.num_layers))
     perturbed = alp_layer_spec(stock, alp)
-    block = stock_block_spec(model, config, lambda i: perturbed if i in chosen else stock)
+    block = stock_block_spec(model_cfg, config, lambda i: perturbed if i in chosen else stock)
     if alp.target == "logits":
         block.layer_norm = ModuleSpec(module=PerturbedFinalNorm, params={"alp": alp, "norm_spec": block.layer_norm})
     return block

@@ -181,6 +181,11 @@ def _verify(p: Dict[str, Any], vocab_size: int) -> None:
             raise ValueError(f"{k} must be in [-2, 2], got {p[k]}.")
     if not 0.0 < p["repetition_penalty"] <= 2.0:
         raise ValueError(f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {p['repetition_penalty']}.")
+    _verify_lengths_and_extras(p, vocab_size)
+
+
+def _verify_lengths_and_extras(p: Dict[str, Any], vocab_size: int) -> None:
+    """SamplingParams.verify continued: token budgets, logit_bias, seed, one grammar at most."""
     if not 0 <= p["min_new_tokens"]:
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {p['min_new_tokens']}.")
     m = p["max_new_tokens"]

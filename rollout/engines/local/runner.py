@@ -310,7 +310,7 @@ class LocalModel:
         data = []
         for li, (k0, v0) in enumerate(layers):
             ks, vs = [], []
-            for n, kv in hits:
+            for _n, kv in hits:
                 k = kv[li][0] if kv is not None else k0[:, :, :0]
                 v = kv[li][1] if kv is not None else v0[:, :, :0]
                 pad = P - k.shape[2]
