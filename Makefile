@@ -28,7 +28,7 @@ demo: $(STAMP)
 # The lint first (seconds), then the suite; pytest prints the ten slowest tests (pyproject addopts).
 test: $(STAMP) lint
 	@start=$$(date +%s); \
-	$(PY) -m pytest tests; rc=$$?; \
+	$(PY) -m pytest tests -m "not scale"; rc=$$?; \
 	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-unit: $(STAMP)
@@ -39,6 +39,8 @@ test-distributed: $(STAMP)
 
 # A real one-node SLURM (needs slurm-wlm + munge, as root: .ci/run installs them in CI; the tests
 # skip with the reason otherwise), then sbatch jobs.
+# The real-SLURM tests, the multi-minute scale scenarios included (make test leaves those out to
+# stay under 8 minutes: tests/slurm/test_scale.py, about 20 minutes on a 2-core VM).
 test-slurm: $(STAMP)
 	$(PY) -m pytest tests/slurm tests/unit/test_launch_plan.py tests/unit/test_launch_engines.py
 

@@ -19,7 +19,7 @@ from typing import Dict
 import torch.distributed as dist
 
 from .runtime.distributed import handover_group
-from .sync.weight_sync import WeightSync
+from .sync.weight_sync import CommitFailed, WeightSync
 from .trainer.batching import dp_balanced_shard, mini_batches, split_rows
 from .trainer.checkpoint import Checkpointer, CheckpointError
 from .trainer.evaluation import Evaluator
@@ -83,7 +83,11 @@ def train(cfg) -> Dict[str, float]:
             # 4. publish the new weights (version = number of completed steps) and commit them.
             version = step + 1
             with clock.phase("sync"):
-                sync_metrics = sync.publish_and_commit(version)
+                try:
+                    sync_metrics = sync.publish_and_commit(version)
+                except CommitFailed as e:  # the step trained: checkpoint it, then one line naming the engines
+                    ckpt = checkpoints.maybe_save(step + 1, loop_state(step + 1), force=True)
+                    raise RolloutFailure(f"{e} (checkpoint {ckpt})") from None
             # 5. metrics: the trainer's (every stage's) and, on rank 0, the driver's and the loop's.
             metrics = step_metrics(trainer, per_update, step_level, {**rollout_metrics, **sync_metrics}, clock,
                                    float(batch.loss_mask.sum()), bus_version=version,

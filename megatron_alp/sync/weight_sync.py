@@ -15,6 +15,14 @@ from typing import Dict, List
 logger = logging.getLogger(__name__)
 
 
+class CommitFailed(RuntimeError):
+    """No engine (or not every engine, per ``bus.on_engine_failure``) took a published version."""
+
+    def __init__(self, version: int, reason: str):
+        super().__init__(f"rollout engines lost while committing weight version {version}: {reason}")
+        self.version = version
+
+
 def update_pause_mode(rollout) -> str:
     """How the fleet pauses generation for an update: synchronous rollout has nothing in flight
     (abort); asynchronous rollout follows ``rollout.span_policy`` (rollout/producer.py)."""
@@ -70,14 +78,26 @@ class WeightSync:
 
     def publish_and_commit(self, version: int) -> Dict[str, float]:
         """Collective: export + publish ``version`` on every rank; commit it to the fleet on rank 0."""
+        import torch.distributed as dist
+
+        from rollout.bus.commit import CommitError
+
         pub = self.publisher.publish(version, self.chunks, fleet=self.fleet if self.rank == 0 else None)
         metrics: Dict[str, float] = {}
+        failed = None
         if self.rank == 0:
-            report = self.publisher.commit(self.fleet, pub)
-            metrics.update(pub.metrics())
-            metrics.update(report.metrics())
-            if report.dropped:
-                logger.error("engines dropped while committing version %d: %s", version, report.dropped)
+            try:
+                report = self.publisher.commit(self.fleet, pub)
+                metrics.update(pub.metrics())
+                metrics.update(report.metrics())
+                if report.dropped:
+                    logger.error("engines dropped while committing version %d: %s", version, report.dropped)
+            except CommitError as e:  # every rank must learn it, or the others wait in the next collective
+                failed = str(e)
+        box = [failed]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise CommitFailed(version, box[0])
         return metrics
 
     def close(self) -> None:

@@ -79,7 +79,9 @@ def _world(rank, world_size, extra, packing):
         load_full_state_dict(model, full)
         ddp = wrap_ddp(model)
         actor = make_actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
-        metrics = actor.train_step(data, step=3)
+        record = []
+        metrics = actor.train_step(data, step=3, record=record)
+        metrics.update(actor.step_metrics(record))  # the token metrics (ratio/, mismatch/...) of the update
         out[name] = {"loss": metrics.get("train/loss"), "grads": full_state_dict(model, V, grads=True, include_alp=True),
                      "metrics": metrics}
 

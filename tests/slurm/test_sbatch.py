@@ -84,7 +84,7 @@ def test_sigterm_checkpoints_and_the_next_job_resumes(slurm, job_root):
     assert first.exit_code == 143, first.output
     assert "forwarding SIGTERM to the trainer" in first.output
     assert "preemption: SIGTERM to the trainer processes" in first.output
-    assert "stopped by signal after step" in first.output
+    assert re.search(r"stopped by signal \d+ (after|before) step", first.output)  # between steps or mid-rollout
     assert "trainer stopped after SIGTERM (exit 143)" in first.output  # torchrun was spared the signal
     assert re.search(r"the trainer stopped after SIGTERM \(torchrun exit [01]\)", first.output)
     step = _latest_step(out)

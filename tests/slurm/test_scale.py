@@ -28,7 +28,7 @@ from .cluster import _which
 from .test_sbatch import REPO, RUN, SCRIPT, _bus_versions, _env, _latest_step, _run_args, _scalars
 
 # A job, a requeue (SLURM holds a requeued job ~2 min) and a resumed job: beyond the suite's 600 s.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.scale, pytest.mark.timeout(1800)]
 
 
 def _wait_for_version(out: Path, version: int, slurm, job: str, timeout_s: float = 900) -> None:
