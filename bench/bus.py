@@ -150,15 +150,15 @@ def main(argv=None) -> None:
                 if name in ("xxh3_128", "sha256", "sha256_1t"):
                     algorithm = name.removesuffix("_1t")
                     with hash_pool(1 if name.endswith("_1t") else None) as pool:
-                        dt = _timed(lambda pool=pool, algorithm=algorithm: [r() for r in [submit_digest(t, pool, algorithm)
-                                                                              for _, t in named]])
+                        dt = _timed(lambda pool=pool, algorithm=algorithm: [
+                            r() for r in [submit_digest(t, pool, algorithm) for _, t in named]])
                 elif name == "plain":
                     d = os.path.join(root, f"plain-{rep}")
                     dt = _timed(lambda d=d: _plain(named, bucket, d))
                     shutil.rmtree(d)
                 else:
-                    dt = _timed(lambda name=name, version=version: buses[name].publish(version + 1, named, config=config,
-                                                                                    bucket_bytes=bucket))
+                    dt = _timed(lambda name=name, version=version: buses[name].publish(
+                        version + 1, named, config=config, bucket_bytes=bucket))
                 if rep:
                     res[name].append(dt)
             version += 1
@@ -182,10 +182,10 @@ def main(argv=None) -> None:
         shutil.rmtree(root, ignore_errors=True)
     gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
     ratio = med["plain"] / med["bus"]
-    paired = sorted(p / b for p, b in zip(res["plain"], res["bus"]))  # same round: similar machine load
-    paired_sha = sorted(p / b for p, b in zip(res["plain"], res["bus_sha256"]))
+    paired = sorted(p / b for p, b in zip(res["plain"], res["bus"], strict=True))  # same round: similar machine load
+    paired_sha = sorted(p / b for p, b in zip(res["plain"], res["bus_sha256"], strict=True))
     gc_bus = gc_s["bus"][1:]
-    no_gc = sorted(p / (b - g) for p, b, g in zip(res["plain"], res["bus"], gc_bus))
+    no_gc = sorted(p / (b - g) for p, b, g in zip(res["plain"], res["bus"], gc_bus, strict=True))
     cores = med["sha256_1t"] / med["sha256"]
     cmd = "python -m bench.bus " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
