@@ -110,15 +110,23 @@ LABELS = {"plain": "plain `safetensors.save_file` (baseline)",
 
 
 def _timed_gc(bus: DiskBus, sink: list) -> None:
-    """Record how long each publication's garbage collection (deleting the previous version) takes."""
+    """Record how long each publication's garbage collection takes: ``DiskBus.publish`` runs it before
+    staging (``gc(keep)``) and after the rename (``gc()``, which deletes the previous version); the
+    sink gets their sum, one entry per publication."""
     gc = bus.gc
+    before: list = []  # the pre-staging pass of the publication under way
 
-    def timed():
+    def timed(keep=None):
         t0 = time.perf_counter()
         try:
-            return gc()
+            return gc(keep)
         finally:
-            sink.append(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            if keep is None:
+                sink.append(sum(before) + dt)
+                before.clear()
+            else:
+                before.append(dt)
     bus.gc = timed
 
 
