@@ -87,17 +87,20 @@ def preempted_then_resumed(slurm, job_root, job_env):
 
 
 def test_tiny_job_trains_end_to_end(preempted_then_resumed):
-    out, _, step, job = preempted_then_resumed  # the resumed job runs to its last step
+    out, first, step, job = preempted_then_resumed  # the resumed job runs to its last step
     assert (job.state, job.exit_code) == ("COMPLETED", 0), job.output
     assert list((out / RUN / "tensorboard").glob("events.out.tfevents.*")), job.output
     assert max(_bus_versions(out)) == step + 2 > 0
     assert "engines healthy" in job.output and "trainer finished (exit 0)" in job.output
     # The engine was attached through the job file (mode 0600); its key never reached the output.
-    job_yaml = out / RUN / f"slurm-{job.job_id}" / "job.yaml"
-    assert oct(job_yaml.stat().st_mode & 0o777) == "0o600"
-    text = job_yaml.read_text()
-    key = text.split("api_key:", 1)[1].split()[0]
-    assert "urls:" in text and len(key) > 20 and key not in job.output
+    keys = []
+    for j in (first, job):
+        job_yaml = out / RUN / f"slurm-{j.job_id}" / "job.yaml"
+        assert oct(job_yaml.stat().st_mode & 0o777) == "0o600"
+        text = job_yaml.read_text()
+        keys.append(text.split("api_key:", 1)[1].split()[0])
+        assert "urls:" in text and len(keys[-1]) > 20 and keys[-1] not in j.output
+    assert keys[0] != keys[1]  # a key per job
 
 
 def test_sigterm_checkpoints_and_the_next_job_resumes(preempted_then_resumed):
