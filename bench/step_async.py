@@ -50,7 +50,8 @@ EXTRA: list = []  # --set overrides, for every run
 
 
 def _overrides(assets, out, name, steps):
-    return [*EXTRA, f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}", f"rollout.data.path={assets['data']}",
+    return [*EXTRA, f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
+            f"rollout.data.path={assets['data']}",
             f"run.output_root={out}", f"run.name={name}", f"bus.dir={os.path.join(out, name, 'bus')}",
             f"run.steps={steps}", "parallel.tp=1"]
 
@@ -123,7 +124,8 @@ def table_lines(results) -> list:
     for k, r in results.items():
         gen = r["perf/rollout_s"] if k == 0 else r["perf/rollout_gen_s"]
         sps = r["samples"] / r["perf/step_seconds"]
-        lines.append(f"| {k} | {gen:.3f} | {r['perf/rollout_s']:.3f} | {r['perf/train_s']:.3f} | {r['perf/sync_s']:.3f} "
+        lines.append(f"| {k} | {gen:.3f} | {r['perf/rollout_s']:.3f} | {r['perf/train_s']:.3f} "
+                     f"| {r['perf/sync_s']:.3f} "
                      f"| {r['perf/step_seconds']:.3f} | {sps:.1f} | {sps / sps0:.2f}x | {r['staleness_mean']:.2f} |")
     return lines
 

@@ -2,7 +2,7 @@
 
     python tools/staleness_table.py --out /tmp/async_study [--steps 30] [--final-window 6]
 
-One row per (objective, max_staleness), over the seeds found under ``<out>/runs``:
+One row per (objective, max_staleness), over the complete runs (seeds) found under ``<out>/runs``:
 
 - reward: ``rollout/reward_mean`` averaged over a run's last ``--final-window`` steps; mean +- sample
   standard deviation (ddof 1) over the seeds.
@@ -106,7 +106,7 @@ def cell(runs: List[dict], final_window: int) -> dict:
            "tail_frac": float((np.abs(logr_arr) > math.log(2)).mean()) if logr_arr.size else math.nan,
            "stale_mean": float(np.mean(stale)) if stale else math.nan,
            "stale_max": float(np.max(stale)) if stale else math.nan}
-    row.update({label: v for (_, label), v in zip(QS, ratio_q)})
+    row.update({label: v for (_, label), v in zip(QS, ratio_q, strict=True)})
     for tag in ("mismatch/k3", "ratio/k3"):
         vals = np.concatenate([_series(r, tag) for r in runs]) if runs else np.array([])
         row[tag] = float(np.nanmean(vals)) if vals.size else math.nan
@@ -129,7 +129,8 @@ def table(rows: Dict[tuple, dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/async_study", help="the study's directory (tools/staleness_study.py)")
-    ap.add_argument("--steps", type=int, default=None, help="use each run's first N steps only")
+    ap.add_argument("--steps", type=int, default=30, help="use each run's first N steps; runs with fewer are left "
+                    "out (the study's default: 30)")
     ap.add_argument("--final-window", type=int, default=6)
     args = ap.parse_args(argv)
     import logging
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     for run_dir in sorted(glob.glob(os.path.join(args.out, "runs", "*"))):
         m = NAME.match(os.path.basename(run_dir))
         run = load_run(run_dir, args.steps) if m else None
-        if run is None or (args.steps and run["steps"] < args.steps):
+        if run is None or run["steps"] < args.steps:
             print(f"skipped (missing or incomplete): {run_dir}", file=sys.stderr)
             continue
         cells.setdefault((m["obj"], int(m["k"])), []).append(run)

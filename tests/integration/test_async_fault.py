@@ -132,7 +132,8 @@ def test_engine_killed_mid_request_in_async_mode_loses_no_sample(assets, tmp_pat
     url = f"http://127.0.0.1:{port}"
     # The killed engine held requests: their connections broke (not "cannot connect": they were open),
     # and the fleet re-issued them elsewhere.
-    broken = [ln for ln in log.splitlines() if f"engine {url}: POST /generate failed" in ln and "Cannot connect" not in ln]
+    broken = [ln for ln in log.splitlines()
+              if f"engine {url}: POST /generate failed" in ln and "Cannot connect" not in ln]
     assert broken, log[-4000:]
     assert f"re-issuing a request that failed on {url}" in log, log[-4000:]
     assert _trained(os.path.join(out, "run")) == _trained(os.path.join(ref_out, "run"))
