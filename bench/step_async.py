@@ -90,9 +90,18 @@ def _run(assets, out, name, steps, staleness, cores):
     acc = EventAccumulator(os.path.join(out, name, "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    res = {k: statistics.median([e.value for e in acc.Scalars(k)][1:]) if k in tags else float("nan") for k in KEYS}
-    res["samples"] = [e.value for e in acc.Scalars("rollout/num_samples")][0]
-    res["staleness_mean"] = statistics.mean([e.value for e in acc.Scalars("rollout/staleness_mean")])
+    series = {k: [e.value for e in acc.Scalars(k)][1:] if k in tags else [] for k in KEYS}
+    # the trainer's own part of a step: everything but the wait for the batch
+    series["trainer_s"] = [a - b for a, b in zip(series["perf/step_seconds"], series["perf/rollout_s"], strict=True)]
+    series["samples"] = [e.value for e in acc.Scalars("rollout/num_samples")][1:]
+    series["staleness_mean"] = [e.value for e in acc.Scalars("rollout/staleness_mean")][1:]
+    return series
+
+
+def _summary(series) -> dict:
+    """Medians of the pooled per-step values (mean for the staleness)."""
+    res = {k: statistics.median(v) if v else float("nan") for k, v in series.items() if k != "staleness_mean"}
+    res["staleness_mean"] = statistics.mean(series["staleness_mean"])
     return res
 
 
@@ -101,7 +110,7 @@ def goal_lines(results) -> list:
     sync = results.get(0)
     if sync is None:
         return ["goals: not checked (needs the max_staleness 0 run as the baseline)"]
-    rollout, train = sync["perf/rollout_s"], sync["perf/step_seconds"] - sync["perf/rollout_s"]
+    rollout, train = sync["perf/rollout_s"], sync["trainer_s"]
     bound, sps0 = 1.15 * max(rollout, train), sync["samples"] / sync["perf/step_seconds"]
     out = [f"phases (synchronous run): rollout {rollout:.3f} s, train {train:.3f} s, rollout / train "
            f"{rollout / train:.2f}"]
@@ -134,6 +143,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--staleness", default="0,1,2")
+    p.add_argument("--reps", type=int, default=1, help="runs per max_staleness, in mirrored order (0 1 2 2 1 0)")
     p.add_argument("--out", default=None, help="write a markdown summary here")
     p.add_argument("--set", action="append", default=[], help="config override for every run, after the "
                    f"defaults {' '.join(BALANCE)}, e.g. rollout.local.max_batch_size=64 (the demo's engine batch)")
@@ -154,19 +164,28 @@ def main(argv=None):
     else:
         assets = prepare_tiny_assets(os.path.join(work, "assets"), tp=1)
     ks = [int(k) for k in args.staleness.split(",")]
+    # repetitions in mirrored order (0 1 2 2 1 0 ...): a load that drifts during the bench biases
+    # no max_staleness; each k's per-step values are pooled over its repetitions
+    order = [k for rep in range(args.reps) for k in (ks if rep % 2 == 0 else ks[::-1])]
     load0 = os.getloadavg()
-    results = {}
-    for k in ks:
-        results[k] = _run(assets, work, f"k{k}", args.steps, k, cores[:2])
-        print(f"max_staleness {k}: step {results[k]['perf/step_seconds']:.3f} s", flush=True)
+    pooled = {k: {} for k in ks}
+    for i, k in enumerate(order):
+        series = _run(assets, work, f"k{k}_r{i}", args.steps, k, cores[:2])
+        for key, vals in series.items():
+            pooled[k].setdefault(key, []).extend(vals)
+        print(f"max_staleness {k}: median step {statistics.median(series['perf/step_seconds']):.3f} s "
+              f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+    results = {k: _summary(pooled[k]) for k in ks}
     load1 = os.getloadavg()
-    head = (f"trainer pinned to core {cores[0]}, engine to core {cores[1]}; {args.steps} steps (first excluded); "
-            f"medians; settings {' '.join(EXTRA)}; load average (1/5/15 min) {load0[0]:.2f}/{load0[1]:.2f}/"
-            f"{load0[2]:.2f} at the start, {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} at the end")
+    head = (f"trainer pinned to core {cores[0]}, engine to core {cores[1]}; {args.steps} steps (first excluded) "
+            f"x {args.reps} run(s) per max_staleness in mirrored order; medians; settings {' '.join(EXTRA)}; "
+            f"load average (1/5/15 min) {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f} at the start, "
+            f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} at the end")
     text = "\n".join([head, "", *table_lines(results), "", *goal_lines(results)])
     print(text)
     if args.out:
-        cmd = " ".join(["python -m bench.step_async", f"--steps {args.steps}", *(f"--set {x}" for x in args.set)])
+        cmd = " ".join(["python -m bench.step_async", f"--steps {args.steps}", f"--reps {args.reps}",
+                        *(f"--set {x}" for x in args.set)])
         with open(args.out, "w") as f:
             f.write(f"# bench/step_async\n\nCommand: `{cmd}`\n\n{text}\n")
 
