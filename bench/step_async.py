@@ -21,9 +21,12 @@ rollout s (everything the trainer does in a step: forwards, updates, weight sync
 2. throughput: samples/s at k >= 1 >= 1.3 x the synchronous samples/s, where rollout and train take
    similar time (the line states rollout / train; the default settings below aim at ~1).
 
-The default settings (BALANCE) make the engine's share of a step about the trainer's on one core
-each: smaller engine batches (rollout.local.max_batch_size) and fewer, larger micro-batches on the
-trainer; --set overrides them (and anything else) for every run.
+The default settings (BALANCE) make the engine's share of a step close to the trainer's on one core
+each (measured on a quiet 2-core VM: rollout / train ~0.75): engine batches of 32 sequences
+(rollout.local.max_batch_size; the demo's 64 makes rollout ~0.55 x train), the demo's micro-batch
+of 8, and the synthetic reward scored inline (rollout.reward_workers = 0: reward worker processes
+would inherit the trainer's core and add their IPC to it); --set overrides them (and anything
+else) for every run.
 
     python -m bench.step_async [--steps 8] [--out bench/results/step-async-cpu.md]
 """
@@ -43,7 +46,7 @@ REPO = os.path.dirname(str(CONFIG_ROOT))
 CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 KEYS = ("perf/rollout_s", "perf/rollout_gen_s", "perf/train_s", "perf/sync_s", "perf/step_seconds")
 # rollout ~ train on the 2-core dev VM (see the module docstring; measured in bench/results/step-async-cpu.md)
-BALANCE = ["rollout.local.max_batch_size=16", "run.micro_batch_size=32"]
+BALANCE = ["rollout.local.max_batch_size=32", "run.micro_batch_size=8", "rollout.reward_workers=0"]
 
 
 EXTRA: list = []  # --set overrides, for every run
