@@ -24,9 +24,9 @@ rollout s (everything the trainer does in a step: forwards, updates, weight sync
 The default settings (BALANCE) make the engine's share of a step close to the trainer's on one core
 each (measured on a quiet 2-core VM: rollout / train ~0.75): engine batches of 32 sequences
 (rollout.local.max_batch_size; the demo's 64 makes rollout ~0.55 x train), the demo's micro-batch
-of 8, and the synthetic reward scored inline (rollout.reward_workers = 0: reward worker processes
-would inherit the trainer's core and add their IPC to it); --set overrides them (and anything
-else) for every run.
+of 8, and the synthetic reward scored inline (rollout.reward_workers = 0: no reward worker
+processes, which would inherit the trainer's core); --set overrides them (and anything else) for
+every run.
 
     python -m bench.step_async [--steps 8] [--out bench/results/step-async-cpu.md]
 """
