@@ -26,9 +26,13 @@ demo: $(STAMP)
 	$(PY) -m megatron_alp.demo
 
 # The lint first (seconds), then the suite; pytest prints the ten slowest tests (pyproject addopts).
+# Two pytest-xdist workers: most of the suite waits (engines starting, SLURM jobs, processes
+# joining worlds), so two workers overlap the waits on 2 cores. --dist loadscope keeps a module's
+# tests on one worker, so a module-scoped run (the e2e checks share trained runs) happens once.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
 	@start=$$(date +%s); \
-	$(PY) -m pytest tests -m "not scale"; rc=$$?; \
+	$(PY) -m pytest tests -m "not scale" -n $(TEST_WORKERS) --dist loadscope; rc=$$?; \
 	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-unit: $(STAMP)
