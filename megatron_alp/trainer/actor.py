@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -159,11 +159,19 @@ class Actor:
         dist.all_reduce(n, group=self.ps.get_data_parallel_group())
         return n
 
-    def train_step(self, batch: RLBatch, step: int, record: Optional[List[dict]] = None) -> Dict[str, float]:
+    def train_step(self, batch: RLBatch, step: int, record: Optional[List[dict]] = None,
+                   fill_from_forward: Sequence[str] = ()) -> Dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; returns this update's scalars
         (loss, gradient norm, learning rates, skip flags). On the last pipeline stage the detached
         per-token tensors of the update are appended to ``record`` (when given) for
-        :meth:`step_metrics`, which computes the token metrics once over all updates of the step."""
+        :meth:`step_metrics`, which computes the token metrics once over all updates of the step.
+
+        ``fill_from_forward`` (``old_logp``, ``base_logp``): batch fields set to this forward's
+        detached log-probs before the loss uses them, instead of a separate no-grad pass
+        (trainer/updates.py: only for the first update of a rollout, unperturbed, where the
+        weights are pi_old's)."""
+        if fill_from_forward and self.perturb:
+            raise ValueError("the perturbed (ALP) forward cannot stand in for pi_old's unperturbed log-probs")
         algo = self.algo
         batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         micro = self._micro_batches(batch)
@@ -179,6 +187,8 @@ class Actor:
             if packed is not None:  # per-token values back to the samples' rows (trainer/packing.py)
                 lp, ent = packed.unpack(lp), (packed.unpack(ent) if ent is not None else None)
                 mb = packed.rows
+            for name in fill_from_forward:  # pi_old = this forward's weights (first update, no noise)
+                setattr(mb, name, lp.detach())
             per_tok = token_losses(algo.objective, lp, mb.rollout_logp, mb.advantages, mb.loss_mask,
                                    old_logp=mb.old_logp, **self.hparams)
             loss = aggregate(per_tok, mb.loss_mask, algo.aggregation, horizon=algo.horizon, normalizer=normalizer)
