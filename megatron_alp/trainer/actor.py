@@ -70,7 +70,7 @@ class Actor:
         if self.max_tokens > 0:
             dp = self.ps.get_data_parallel_group()
             count = collective_tensor([packs_needed(batch, self.max_tokens)], dtype=torch.int64, group=dp)
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp)
+            _dp_all_reduce(count, dp, op=dist.ReduceOp.MAX)
             return make_packs(batch, self.max_tokens, int(count), pad_multiple=self.pad_multiple)
         mbs = self.micro_batch_size
         return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
@@ -156,7 +156,7 @@ class Actor:
         m = effective_mask(self.algo.objective, batch.loss_mask, batch.rollout_logp, batch.rollout_logp,
                            batch.advantages, batch.old_logp)
         n = normalizer_count(m, self.algo.aggregation)
-        dist.all_reduce(n, group=self.ps.get_data_parallel_group())
+        _dp_all_reduce(n, self.ps.get_data_parallel_group())
         return n
 
     def train_step(self, batch: RLBatch, step: int, record: Optional[List[dict]] = None,
@@ -232,7 +232,7 @@ class Actor:
         metrics["perf/micro_batches"] = float(len(micro))
         if self.is_last_stage and stash:
             total = loss_sum.clone().to(torch.float64)
-            dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+            _dp_all_reduce(total, self.ps.get_data_parallel_group())
             metrics["train/loss"] = float(total)
         return metrics
 
@@ -270,6 +270,12 @@ class Actor:
             base_logp=mb_cat("base_logp"), advantages=torch.cat([mb.advantages for mb in mbs]),
             entropy=cat([e for r in record for e in r["ent"]]), dppo_delta=self.algo.dppo_delta, group=dp, **hp,
         )
+
+
+def _dp_all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    """In-place all-reduce over the data-parallel group; nothing to do (no call) when it has one rank."""
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
 
 
 def _token_codes(mb) -> torch.Tensor:

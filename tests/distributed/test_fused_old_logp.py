@@ -57,7 +57,7 @@ def _world(rank, world_size, extra, layout, updates):
         actor = make_actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
         passes = []
         inner = actor.compute_logprobs
-        actor.compute_logprobs = lambda b, inner=inner: (passes.append(len(b)), inner(b))[1]
+        actor.compute_logprobs = lambda b, inner=inner, passes=passes: (passes.append(len(b)), inner(b))[1]
         batch = _batch()
         if packed:
             local, sizes = dp_balanced_shard(batch, rank, 2, updates)
