@@ -31,7 +31,7 @@ def _train(assets, out, name, nproc, *overrides, steps=3):
            f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
            f"rollout.data.path={assets['data']}", f"run.output_root={out}", f"run.name={name}",
            f"bus.dir={os.path.join(out, name, 'bus')}", f"run.steps={steps}", "run.prompts_per_step=8",
-           "run.micro_batch_size=4", "run.mini_batches_per_step=2", *overrides]
+           "run.micro_batch_size=4", "run.mini_batches_per_step=2", "run.max_tokens_per_micro_batch=0", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
