@@ -12,15 +12,16 @@ are medians over the steps after the first (warm-up).
   subprocess of its own; the RL step is timed between the ends of every 4th optimizer step
   (a ``TrainerCallback``). Its loss is TRL's GRPO (pi/pi_old clip), ours Token-ALP.
 - Ours: ``python -m megatron_alp.train`` under torchrun (the demo's 2 trainer processes, TP=2,
-  a local rollout engine process), ``perf/step_seconds`` from its TensorBoard log; the same run
-  at the demo config's own settings and, when ``--variant`` is given, with those overrides.
+  a local rollout engine process), ``perf/step_seconds`` from its TensorBoard log; the run at
+  the demo config's own settings and one per ``--variant NAME=OVERRIDES``.
 
 Both are measured in the same invocation, back to back, ``--reps`` times alternately (paired: the
 shared machine's load moves the absolute numbers; the ratio ours / TRL is printed per pair). When
 TRL is not installed (optional extra ``bench``: ``pip install 'megatron-alp[bench]'``) the TRL side
 is skipped with the reason, our side still runs, and the exit status is 0.
 
-    python -m bench.peer [--steps 8] [--reps 2] [--out bench/results/peer-cpu.md]
+    python -m bench.peer [--steps 8] [--reps 2] [--out bench/results/peer-cpu.md] \
+        [--variant "padded=run.max_tokens_per_micro_batch=0"] [--variant "dp2=parallel.tp=1"]
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="RL steps per run (the first is excluded)")
     p.add_argument("--reps", type=int, default=1, help="alternating (TRL, ours) pairs")
-    p.add_argument("--variant", default="", help="space-separated overrides for a second 'ours' run per pair")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="another 'ours' run per pair: a name, '=', space-separated overrides (repeatable)")
     p.add_argument("--out", default=None, help="write a markdown summary here")
     p.add_argument("--trl-worker", nargs=4, metavar=("HF", "DATA", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
         print(f"bench.peer: TRL side skipped: {why}", flush=True)
     work = tempfile.mkdtemp(prefix="bench-peer-")
     assets = prepare_tiny_assets(os.path.join(work, "assets"), tp=s["nproc"], log=lambda m: None)
-    variants = [("demo", [])] + ([("variant", args.variant.split())] if args.variant else [])
+    variants = [("demo", [])] + [(v.split("=", 1)[0], v.split("=", 1)[1].split()) for v in args.variant]
     rows = []
     for rep in range(args.reps):
         trl = None if why else _trl(assets, work, args.steps, str(rep))

@@ -179,3 +179,19 @@ def test_async_rollout_bound_and_resume(assets, tmp_path):
         assert "rollout/staleness_hist" in hists
         assert max(scal["rollout/staleness_max"]) <= 1 and scal["rollout/stale_regenerated_groups"] == [0.0] * 4
     assert runs["resumed"] == runs["full"]
+
+
+@pytest.mark.slow
+def test_fused_old_logp_leaves_the_run_unchanged(assets, tmp_path):
+    """pi_old from the first update's forward (run.fuse_old_logp, the default) instead of the
+    separate no-grad pass: every logged scalar of the loop (rewards, losses, ratios, mismatch/)
+    is the separate pass's, step after step (the sampled rollouts included)."""
+    opts = ("parallel.tp=1", "alp.enabled=false", "algorithm.objective=ppo", "algorithm.recompute_old_logp=true")
+    fused = _train(assets, str(tmp_path / "fused"), "run", 1, *opts, "run.fuse_old_logp=true")
+    separate = _train(assets, str(tmp_path / "separate"), "run", 1, *opts, "run.fuse_old_logp=false")
+    a, _ = _scalars(fused)
+    b, _ = _scalars(separate)
+    compared = sorted(k for k in a if not _timing(k))
+    assert sorted(k for k in b if not _timing(k)) == compared and "mismatch/k3" in compared
+    for key in compared:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
