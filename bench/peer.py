@@ -46,7 +46,8 @@ def _demo_settings():
     from megatron_alp.config import load_config
 
     cfg = load_config(str(DEMO), [])
-    return {"prompts": cfg.run.prompts_per_step, "samples": cfg.rollout.n_samples, "updates": cfg.run.mini_batches_per_step,
+    return {"prompts": cfg.run.prompts_per_step, "samples": cfg.rollout.n_samples,
+            "updates": cfg.run.mini_batches_per_step,
             "new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature, "lr": cfg.optimizer.lr,
             "clip": cfg.optimizer.clip_grad, "seed": cfg.run.seed, "nproc": cfg.parallel.tp * cfg.parallel.pp}
 
@@ -57,7 +58,8 @@ def trl_missing() -> str:
         import trl  # noqa: F401
         from trl import GRPOConfig, GRPOTrainer  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip
-        return f"TRL is not importable ({type(e).__name__}: {e}); install the optional extra: pip install 'megatron-alp[bench]'"
+        return (f"TRL is not importable ({type(e).__name__}: {e}); install the optional extra: "
+                "pip install 'megatron-alp[bench]'")
     return ""
 
 
@@ -89,7 +91,8 @@ def _trl_worker(hf: str, data: str, steps: int, out: str) -> None:
         per_device_train_batch_size=per_rollout // s["updates"], gradient_accumulation_steps=1,
         steps_per_generation=s["updates"], num_generations=s["samples"], num_iterations=1,
         max_completion_length=s["new_tokens"], temperature=s["temperature"], learning_rate=s["lr"],
-        weight_decay=0.0, max_grad_norm=s["clip"], lr_scheduler_type="constant", beta=0.0, max_steps=steps * s["updates"], logging_steps=1,
+        weight_decay=0.0, max_grad_norm=s["clip"], lr_scheduler_type="constant", beta=0.0,
+        max_steps=steps * s["updates"], logging_steps=1,
         save_strategy="no", report_to="none", seed=s["seed"], dataloader_num_workers=0, disable_tqdm=True,
     )
     ends, rewards = [], []
@@ -126,7 +129,8 @@ def _ours(assets, work, steps: int, tag: str, overrides=()):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     name = f"ours_{tag}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={_demo_settings()['nproc']}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={_demo_settings()['nproc']}",
            "-m", "megatron_alp.train", "--config", str(DEMO), f"model.hf_path={assets['hf']}",
            f"checkpoint.load={assets['mcore']}", f"rollout.data.path={assets['data']}", f"run.output_root={work}",
            f"run.name={name}", f"bus.dir={os.path.join(work, name, 'bus')}", f"run.steps={steps}", *overrides]
@@ -135,7 +139,8 @@ def _ours(assets, work, steps: int, tag: str, overrides=()):
     acc = EventAccumulator(os.path.join(work, name, "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     get = lambda k: [e.value for e in acc.Scalars(k)]  # noqa: E731
-    return {"step_seconds": get("perf/step_seconds"), "train_s": get("perf/train_s"), "rollout_s": get("perf/rollout_s"),
+    return {"step_seconds": get("perf/step_seconds"), "train_s": get("perf/train_s"),
+            "rollout_s": get("perf/rollout_s"),
             "reward": get("rollout/reward_mean")}
 
 

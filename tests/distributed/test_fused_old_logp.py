@@ -41,7 +41,8 @@ def _world(rank, world_size, extra, layout, updates):
 
     # Adam with eps = 1 steps by about lr x gradient: it does not blow up rounding-level gradient
     # differences (packs planned over other rows) into sign-sized updates as eps = 1e-8 would.
-    cfg = make_cfg(extra=["optimizer.lr=1.0", "optimizer.adam_eps=1.0", "optimizer.weight_decay=0.0", "run.micro_batch_size=2", "alp.enabled=false",
+    cfg = make_cfg(extra=["optimizer.lr=1.0", "optimizer.adam_eps=1.0", "optimizer.weight_decay=0.0",
+                          "run.micro_batch_size=2", "alp.enabled=false",
                           "algorithm.recompute_old_logp=true", "logging.mismatch_metrics=true",
                           f"run.mini_batches_per_step={updates}", *extra])
     packed = layout == "dp2_packed"
@@ -90,7 +91,7 @@ def test_fused_old_logp_equals_the_separate_pass(extra, layout, updates):
             assert fused["passes"] == []
         else:
             assert len(fused["passes"]) == 1 and 0 < fused["passes"][0] < sep["passes"][0]
-        for k, (a, b) in enumerate(zip(sep["per_update"], fused["per_update"])):
+        for k, (a, b) in enumerate(zip(sep["per_update"], fused["per_update"], strict=True)):
             assert sorted(a) == sorted(b)
             for key in a:
                 _close(a[key], b[key], (k, key))
