@@ -91,8 +91,10 @@ def run(args):
     t_off, t_on = statistics.median(times[False]), statistics.median(times[True])
     hidden_bytes = args.batch * args.seq * args.hidden * 4
     res = {
-        "device": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.machine()})",
-        "shape": {"layers": args.layers, "hidden": args.hidden, "batch": args.batch, "seq": args.seq, "vocab": args.vocab,
+        "device": (torch.cuda.get_device_name() if dev == "cuda"
+                   else f"CPU ({os.cpu_count()} cores, {platform.machine()})"),
+        "shape": {"layers": args.layers, "hidden": args.hidden, "batch": args.batch, "seq": args.seq,
+                  "vocab": args.vocab,
                   "heads": cfg.model.num_attention_heads, "groups": cfg.model.num_query_groups,
                   "ffn": cfg.model.ffn_hidden_size, "precision": args.precision},
         "fwd_bwd_s_off": t_off, "fwd_bwd_s_on": t_on, "time_ratio_on_over_off": t_on / t_off,
@@ -123,10 +125,13 @@ def main(argv=None):
     print(f"device: {res['device']}  shape: {res['shape']}")
     print(f"fwd+bwd  off {res['fwd_bwd_s_off'] * 1e3:.1f} ms   on {res['fwd_bwd_s_on'] * 1e3:.1f} ms   "
           f"ratio on/off {res['time_ratio_on_over_off']:.3f}")
-    print(f"saved for backward  off {res['saved_bytes_off'] / 2**20:.2f} MiB   on {res['saved_bytes_on'] / 2**20:.2f} MiB   "
-          f"extra {res['saved_extra_bytes'] / 2**10:.1f} KiB (one hidden state = {res['one_hidden_state_bytes'] / 2**20:.2f} MiB)")
+    print(f"saved for backward  off {res['saved_bytes_off'] / 2**20:.2f} MiB   "
+          f"on {res['saved_bytes_on'] / 2**20:.2f} MiB   "
+          f"extra {res['saved_extra_bytes'] / 2**10:.1f} KiB "
+          f"(one hidden state = {res['one_hidden_state_bytes'] / 2**20:.2f} MiB)")
     if res["peak_bytes_on"] is not None:
-        print(f"peak allocated  off {res['peak_bytes_off'] / 2**20:.1f} MiB   on {res['peak_bytes_on'] / 2**20:.1f} MiB")
+        print(f"peak allocated  off {res['peak_bytes_off'] / 2**20:.1f} MiB   "
+              f"on {res['peak_bytes_on'] / 2**20:.1f} MiB")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2))

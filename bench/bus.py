@@ -110,15 +110,23 @@ LABELS = {"plain": "plain `safetensors.save_file` (baseline)",
 
 
 def _timed_gc(bus: DiskBus, sink: list) -> None:
-    """Record how long each publication's garbage collection (deleting the previous version) takes."""
+    """Record how long each publication's garbage collection takes: ``DiskBus.publish`` runs it before
+    staging (``gc(keep)``) and after the rename (``gc()``, which deletes the previous version); the
+    sink gets their sum, one entry per publication."""
     gc = bus.gc
+    before: list = []  # the pre-staging pass of the publication under way
 
-    def timed():
+    def timed(keep=None):
         t0 = time.perf_counter()
         try:
-            return gc()
+            return gc(keep)
         finally:
-            sink.append(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            if keep is None:
+                sink.append(sum(before) + dt)
+                before.clear()
+            else:
+                before.append(dt)
     bus.gc = timed
 
 
@@ -150,15 +158,15 @@ def main(argv=None) -> None:
                 if name in ("xxh3_128", "sha256", "sha256_1t"):
                     algorithm = name.removesuffix("_1t")
                     with hash_pool(1 if name.endswith("_1t") else None) as pool:
-                        dt = _timed(lambda pool=pool, algorithm=algorithm: [r() for r in [submit_digest(t, pool, algorithm)
-                                                                              for _, t in named]])
+                        dt = _timed(lambda pool=pool, algorithm=algorithm: [
+                            r() for r in [submit_digest(t, pool, algorithm) for _, t in named]])
                 elif name == "plain":
                     d = os.path.join(root, f"plain-{rep}")
                     dt = _timed(lambda d=d: _plain(named, bucket, d))
                     shutil.rmtree(d)
                 else:
-                    dt = _timed(lambda name=name, version=version: buses[name].publish(version + 1, named, config=config,
-                                                                                    bucket_bytes=bucket))
+                    dt = _timed(lambda name=name, version=version: buses[name].publish(
+                        version + 1, named, config=config, bucket_bytes=bucket))
                 if rep:
                     res[name].append(dt)
             version += 1
@@ -182,10 +190,10 @@ def main(argv=None) -> None:
         shutil.rmtree(root, ignore_errors=True)
     gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
     ratio = med["plain"] / med["bus"]
-    paired = sorted(p / b for p, b in zip(res["plain"], res["bus"]))  # same round: similar machine load
-    paired_sha = sorted(p / b for p, b in zip(res["plain"], res["bus_sha256"]))
+    paired = sorted(p / b for p, b in zip(res["plain"], res["bus"], strict=True))  # same round: similar machine load
+    paired_sha = sorted(p / b for p, b in zip(res["plain"], res["bus_sha256"], strict=True))
     gc_bus = gc_s["bus"][1:]
-    no_gc = sorted(p / (b - g) for p, b, g in zip(res["plain"], res["bus"], gc_bus))
+    no_gc = sorted(p / (b - g) for p, b, g in zip(res["plain"], res["bus"], gc_bus, strict=True))
     cores = med["sha256_1t"] / med["sha256"]
     cmd = "python -m bench.bus " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [

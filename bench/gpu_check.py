@@ -176,7 +176,8 @@ def write_report(out: str, report: Dict) -> None:
         lines += ["", "Skipped:"] + [f"- {r['name']}: {r['reason']}" for r in skipped]
     for r in report["steps"]:
         if r["detail"]:
-            lines += ["", f"## {r['name']}", "", "```json", json.dumps(r["detail"], indent=1, default=str)[:4000], "```"]
+            lines += ["", f"## {r['name']}", "", "```json",
+                      json.dumps(r["detail"], indent=1, default=str)[:4000], "```"]
         if r["status"] in ("failed", "timeout") and r["tail"]:
             lines += ["", f"### {r['name']}: output tail", "", "```", r["tail"], "```"]
     with open(os.path.join(out, "gpu_check.md"), "w") as f:
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     target = os.path.abspath(a.target) if a.target else tempfile.mkdtemp(prefix="gpu-site-")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, target, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([REPO, target, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     results = [install(a.wheels, target, env, a.dry, 90)]
     wanted = set(a.only.split(",")) if a.only else {s.name for s in STEPS}
     no_cuda = None if a.dry else _cuda_reason(env)

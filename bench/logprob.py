@@ -27,8 +27,8 @@ Memory, two numbers per method, both relative to one fp32 buffer of the shard's 
   ``/proc/self/clear_refs``) over forward + backward, above the RSS with the input in place; it
   includes the gradient (one shard in the input dtype, which every method must produce) and
   allocator noise of a few MiB (glibc's mmap threshold is fixed at 64 KiB for that rep so freed
-  buffers leave the RSS; 32 MiB, glibc's steady state, for the timed reps). On a GPU ``torch.cuda.max_memory_allocated`` minus the allocated
-  bytes before the forward.
+  buffers leave the RSS; 32 MiB, glibc's steady state, for the timed reps). On a GPU
+  ``torch.cuda.max_memory_allocated`` minus the allocated bytes before the forward.
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed reps (after one warm-up/memory rep)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {','.join(METHODS)}")
     ap.add_argument("--out", default=None, help="markdown results file (default bench/results/logprob-{cpu,gpu}.md)")
-    ap.add_argument("--append", action="store_true", help="append a section to the results file instead of replacing it")
+    ap.add_argument("--append", action="store_true",
+                    help="append a section to the results file instead of replacing it")
     args = ap.parse_args(argv)
     vocabs = list(args.vocab) + ([QWEN_VOCAB] if args.big else [])
     methods = tuple(args.methods.split(","))
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     device = _device_description()
-    command = "python -m bench.logprob" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv or sys.argv[1:]))
+    command = "python -m bench.logprob" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv or sys.argv[1:]))
     print(f"# {device}; torch {torch.__version__}; {command}", flush=True)
     rows = []
     t_start = time.perf_counter()
@@ -294,7 +296,8 @@ def _markdown(rows, device, command, args, elapsed) -> str:
                 f"| {vocab} | {v_shard} | {dtype} | {tp} | {m} | {r['time_s'] * 1e3:.1f} | "
                 f"{r['time_s'] / meg:.2f}x | {r['time_s'] / nai:.2f}x | {r['saved']:.2f} | {r['peak']:.2f} |"
                 if meg and nai else
-                f"| {vocab} | {v_shard} | {dtype} | {tp} | {m} | {r['time_s'] * 1e3:.1f} | - | - | {r['saved']:.2f} | {r['peak']:.2f} |"
+                f"| {vocab} | {v_shard} | {dtype} | {tp} | {m} | {r['time_s'] * 1e3:.1f} | "
+                f"- | - | {r['saved']:.2f} | {r['peak']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -39,9 +39,9 @@ def _world(rank, world_size, args):
     from megatron_alp.model.alp import alp_block_spec
     from megatron_alp.model.builder import build_gpt_model
     from megatron_alp.runtime.distributed import init_parallel_state
-    from megatron_alp.trainer.actor import Actor
     from megatron_alp.trainer.optim import Optimizer, wrap_ddp
     from megatron_alp.trainer.packing import make_packs, packs_needed
+    from megatron_alp.trainer.setup import make_actor
 
     torch.set_num_threads(1)
     cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=128", "model.num_attention_heads=4",
@@ -53,13 +53,13 @@ def _world(rank, world_size, args):
     model = build_gpt_model(cfg.model, cfg.parallel, cfg.precision,
                             block_spec=lambda c: alp_block_spec(cfg.model, cfg.alp, c))
     ddp = wrap_ddp(model)
-    actor = Actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
+    actor = make_actor(cfg, [ddp], Optimizer([ddp], cfg.optimizer, alp=cfg.alp))
     batch, lengths = _batch(args.samples, args.median)
     real = int(lengths.sum())
     times = {"padded": [], "packed": []}
     for rep in range(args.reps + 1):  # rep 0: warm-up
         for mode, budget in (("padded", 0), ("packed", args.budget)):
-            cfg.run.max_tokens_per_micro_batch = budget
+            actor.max_tokens = budget  # the packing budget the actor reads (run.max_tokens_per_micro_batch)
             t0 = time.perf_counter()
             actor.train_step(batch, step=rep)
             if rep:

@@ -101,7 +101,8 @@ def main(argv=None) -> None:
         "",
         "| prefix cache | seconds (median) | all rounds | speedup |",
         "| --- | ---: | --- | ---: |",
-        f"| off (every sample prefills its prompt) | {off:.2f} | {', '.join(f'{x:.2f}' for x in times['off'])} | 1.00x |",
+        f"| off (every sample prefills its prompt) | {off:.2f} | "
+        f"{', '.join(f'{x:.2f}' for x in times['off'])} | 1.00x |",
         f"| on (7 of 8 samples reuse the prompt KV) | {on:.2f} | {', '.join(f'{x:.2f}' for x in times['on'])} | "
         f"{off / on:.2f}x |",
         "",

@@ -93,7 +93,8 @@ def main(argv=None) -> None:
         model = args.model or make_tiny_model(os.path.join(tmp, "model"), hidden_size=args.hidden,
                                               num_layers=args.layers, num_attention_heads=4,
                                               num_key_value_heads=2, intermediate_size=4 * args.hidden,
-                                              max_position_embeddings=max(512, args.prompt_len + args.max_new_tokens + 8))
+                                              max_position_embeddings=max(512, args.prompt_len
+                                                                          + args.max_new_tokens + 8))
         cfg = RolloutConfig(engine="local", precision="fp32", base_port=0, model_path=model, startup_timeout_s=300,
                             local=LocalEngineConfig(max_batch_size=args.max_batch_size, batch_wait_ms=5.0,
                                                     threads=args.threads))
@@ -111,15 +112,18 @@ def main(argv=None) -> None:
         f"- Machine: CPU, {os.cpu_count()} cores ({_cpu_name()}); "
         f"torch {__import__('torch').__version__}; engine threads = {args.threads}",
         f"- Command: `{cmd.strip()}` ({time.time() - t_start:.0f} s)",
-        f"- Model: {'`' + args.model + '`' if args.model else f'tiny random Qwen2, {args.layers} layers, width {args.hidden}, vocab 99'}, fp32",
+        "- Model: " + ('`' + args.model + '`' if args.model
+                       else f"tiny random Qwen2, {args.layers} layers, width {args.hidden}, vocab 99") + ", fp32",
         f"- Workload: {args.requests} requests x {args.prompt_len} prompt tokens -> {args.max_new_tokens} new tokens "
         f"(ignore_eos), temperature 1; max batch {args.max_batch_size} (largest batch seen: {res['max_batch_seen']}).",
         f"- Median of {args.reps} alternating rounds, both phases against the same engine process.",
         "",
         "| phase | tokens/s (median) | all rounds | vs sequential |",
         "| --- | ---: | --- | ---: |",
-        f"| sequential (one request at a time) | {seq:.1f} | {', '.join(f'{x:.1f}' for x in res['sequential'])} | 1.00x |",
-        f"| concurrent (continuous batching) | {conc:.1f} | {', '.join(f'{x:.1f}' for x in res['concurrent'])} | {ratio:.2f}x |",
+        f"| sequential (one request at a time) | {seq:.1f} | "
+        f"{', '.join(f'{x:.1f}' for x in res['sequential'])} | 1.00x |",
+        f"| concurrent (continuous batching) | {conc:.1f} | "
+        f"{', '.join(f'{x:.1f}' for x in res['concurrent'])} | {ratio:.2f}x |",
         "",
     ]
     text = "\n".join(lines)

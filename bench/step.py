@@ -60,7 +60,8 @@ def main(argv=None):
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# bench/step\n\nCommand: `python -m bench.step --steps {args.steps} --nproc {args.nproc}`\n\n{text}\n")
+            f.write(f"# bench/step\n\nCommand: `python -m bench.step --steps {args.steps} --nproc {args.nproc}`"
+                    f"\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ EXTRA: list = []  # --set overrides, for every run
 
 
 def _overrides(assets, out, name, steps):
-    return [*EXTRA, f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}", f"rollout.data.path={assets['data']}",
+    return [*EXTRA, f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
+            f"rollout.data.path={assets['data']}",
             f"run.output_root={out}", f"run.name={name}", f"bus.dir={os.path.join(out, name, 'bus')}",
             f"run.steps={steps}", "parallel.tp=1"]
 

@@ -9,8 +9,9 @@
   so each turn finds its prefix in that engine's radix cache (the idea of SGLang router's
   cache-aware policy, done by key instead of by prefix match).
 - Failover: a request whose engine becomes unreachable (after the client's retries) or answers
-  with a server error (5xx) triggers a health probe; a dead engine is dropped from rotation and the request is re-issued to another
-  one. With no live engine left, :class:`FleetExhausted` names every engine and its last error.
+  with a server error (5xx) triggers a health probe; a dead engine is dropped from rotation and the request
+  is re-issued to another one. With no live engine left, :class:`FleetExhausted` names every engine and its
+  last error.
 - Weight updates: new requests wait, every engine is paused, updated, checked to report the new
   `weight_version`, and continued. Requests that the pause aborted (finish reason `abort`) are
   re-issued once generation continues, so callers only ever see complete samples. The fleet runs
@@ -250,7 +251,7 @@ class Fleet:
         version; an engine the commit dropped never rejoins by itself (see :meth:`readmit`)."""
         candidates = [e for e in self._engines if not e.dropped]
         results = await asyncio.gather(*(e.client.health(self._probe_timeout_s) for e in candidates))
-        for e, ok in zip(candidates, results):
+        for e, ok in zip(candidates, results, strict=True):
             if ok and not e.alive and self.committed_version is not None:
                 try:
                     version = await e.client.weight_version()
@@ -287,7 +288,7 @@ class Fleet:
         live = [e for e in self._engines if e.alive]
         res = await asyncio.gather(*(getattr(e.client, name)(*args, **kwargs) for e in live),
                                    return_exceptions=True)
-        return {e.client.url: r for e, r in zip(live, res)}
+        return {e.client.url: r for e, r in zip(live, res, strict=True)}
 
     async def pause(self, mode: str = "abort") -> None:
         """Hold new requests and pause every live engine (SGLang `pause_generation`)."""
@@ -311,8 +312,8 @@ class Fleet:
         targets = [e for e in self._engines if e.paused and not e.keep_paused]
         try:
             res = await asyncio.gather(*(e.client.continue_generation() for e in targets), return_exceptions=True)
-            errors = {e.client.url: str(r) for e, r in zip(targets, res) if isinstance(r, BaseException)}
-            for e, r in zip(targets, res):
+            errors = {e.client.url: str(r) for e, r in zip(targets, res, strict=True) if isinstance(r, BaseException)}
+            for e, r in zip(targets, res, strict=True):
                 e.paused = e.paused and isinstance(r, BaseException)
             if errors:
                 logger.error("continue_generation failed on %s", errors)
@@ -357,7 +358,8 @@ class Fleet:
         try:
             live = [e for e in self._engines if e.alive]
             res = await asyncio.gather(*(apply(e.client) for e in live), return_exceptions=True)
-            errors.update({e.client.url: str(r) for e, r in zip(live, res) if isinstance(r, BaseException)})
+            errors.update({e.client.url: str(r)
+                           for e, r in zip(live, res, strict=True) if isinstance(r, BaseException)})
             versions = await self._each("weight_version")
             for url, v in versions.items():
                 if url not in errors and v != str(weight_version):

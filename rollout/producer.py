@@ -126,7 +126,7 @@ class GroupProducer:
             if not old:
                 break
             redo = await asyncio.gather(*(self.generator.generate_sample(prompt, g, i, self.seed + t) for i in old))
-            for i, s in zip(old, redo):
+            for i, s in zip(old, redo, strict=True):
                 samples[i] = s
             redone += len(old)
         version = min(sample_oldest_version(s, issued, self.keep_spanning) for s in samples)

@@ -20,8 +20,8 @@ over all steps; ratio p99.9 peak / ratio max peak = max over steps of ratio/toke
 ratio/token_max; ratio p99.9 mean = its mean over steps; ratio p0.1 low / mean = min / mean over
 steps of ratio/token_p0.1; seq ratio p99.9 peak = max over steps of ratio/seq_p99.9 (sequence ratio
 prod_t pi/mu); KL k3 peak / mean = max / mean of mismatch/k3; KL k3 spikes = number of steps with
-mismatch/k3 above ``--kl-spike`` (default 3e-3); clip low/high/dual and masked = mean over steps of ratio/clip_*_frac and of
-ratio/dppo_masked_frac or ratio/is_masked_frac; step s = mean perf/step_seconds.
+mismatch/k3 above ``--kl-spike`` (default 3e-3); clip low/high/dual and masked = mean over steps of
+ratio/clip_*_frac and of ratio/dppo_masked_frac or ratio/is_masked_frac; step s = mean perf/step_seconds.
 """
 
 from __future__ import annotations
@@ -335,7 +335,8 @@ def plot_lines(groups: Dict[str, List[Run]], tag: str, path: str, title: str, lo
         color = colors[i % len(colors)]
         if n > 1:
             ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
-        ax.plot(steps, mean, color=color, linewidth=1.3, label=label + (f" ({n} seeds: mean, min-max)" if n > 1 else ""))
+        ax.plot(steps, mean, color=color, linewidth=1.3,
+                label=label + (f" ({n} seeds: mean, min-max)" if n > 1 else ""))
     return _finish(plt, fig, [ax], path, title, tag, log)
 
 
@@ -351,7 +352,8 @@ def plot_envelope(groups: Dict[str, List[Run]], path: str, smooth: int = 1) -> O
         return None
     plt, fig, axes = _figure(len(data))
     colors = _colors()
-    for i, (ax, (label, (lo, hi, n))) in enumerate(zip(axes, data.items())):
+    # strict=False: the grid may have more axes than panels (its last row is filled up)
+    for i, (ax, (label, (lo, hi, n))) in enumerate(zip(axes, data.items(), strict=False)):
         color = colors[i % len(colors)]
         ax.fill_between(hi[0], lo[1], hi[1], color=color, alpha=0.3, linewidth=0)
         ax.plot(hi[0], hi[1], color=color, linewidth=1.0)

@@ -38,7 +38,8 @@ class AlgorithmConfig:
     also the boundary of the metric drpo/beyond_dppo_frac for every objective."""
     trunc: Optional[float] = None
     """dppo_*: ratio cap C of the detached weight min(pi/mu, C) (null = off; the DPPO authors use 10000)."""
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                         "seq-mean-token-sum-norm"] = "token-mean"
     """How per-token losses are reduced (global normalisers across micro-batches and DP ranks)."""
     horizon: Optional[int] = None
     """Fixed horizon H for seq-mean-token-sum-norm (the DRPO recipe uses 8192)."""

@@ -42,7 +42,7 @@ def gather_values(x: torch.Tensor, group) -> torch.Tensor:
     padded[: x.numel()] = x
     parts = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:k] for p, k in zip(parts, lengths)])
+    return torch.cat([p[:k] for p, k in zip(parts, lengths, strict=True)])
 
 
 def sorted_quantiles(sorted_values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:

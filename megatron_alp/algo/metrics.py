@@ -77,7 +77,7 @@ def _div(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
 
 def _put_quantiles(out: dict, prefix: str, sorted_vals: torch.Tensor) -> None:
     qv = sorted_quantiles(sorted_vals, [q for q, _ in QUANTILES])
-    for (_, label), val in zip(QUANTILES, qv):
+    for (_, label), val in zip(QUANTILES, qv, strict=True):
         out[f"{prefix}_{label}"] = val
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=sorted_vals.device)
     out[f"{prefix}_min"] = sorted_vals[0].double() if sorted_vals.numel() else nan
@@ -187,7 +187,7 @@ def compute_metrics(
 
     names = list(local)
     sums = all_reduce_(torch.stack([local[k].to(f64) for k in names]), "sum", group)
-    g = dict(zip(names, sums))
+    g = dict(zip(names, sums, strict=True))
     n_tok, n_seq = g["train/tokens"], g["train/sequences"]
     nan = float("nan")
     out: Dict[str, torch.Tensor] = {k: g[k] for k in names if k.startswith("train/")}

@@ -15,7 +15,8 @@ bypass_token   PPO clip of ``pi/mu`` (token)                               eps_l
 bypass_seq     PPO clip of the straight-through sequence ratio             eps_low, eps_high, [dual_clip]
 bypass_geo     same with the geometric-mean sequence ratio (GSPO)          eps_low, eps_high, [dual_clip]
 ppo            PPO clip of ``pi/pi_old``                                   eps_low, eps_high, [dual_clip]
-mis_token/seq  ``sg(w 1[is_low<=w<=is_high]) * ppo``, ``w = pi_old/mu``    eps_low, eps_high, is_low, is_high, [dual_clip, veto]
+mis_token/seq  ``sg(w 1[is_low<=w<=is_high]) * ppo``, ``w = pi_old/mu``    eps_low, eps_high, is_low, is_high,
+                                                                           [dual_clip, veto]
 mis_seq_geo    mis_seq with the PPO clip on the geometric sequence         same as mis_seq
                ratio ``(pi/pi_old)^(1/|y|)`` (straight-through; GSPO)
 tis_token/seq  ``sg(min(w, is_high)) * ppo``                               eps_low, eps_high, is_high, [dual_clip, veto]

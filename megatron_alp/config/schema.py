@@ -215,7 +215,8 @@ class OptimizerConfig:
 @dataclass
 class BusConfig:
     backend: Literal["disk", "nccl", "tensor"] = "disk"
-    """How weights reach the engines: disk (shared filesystem), nccl (broadcast; gloo on CPU), tensor (colocated CUDA IPC)."""
+    """How weights reach the engines: disk (shared filesystem), nccl (broadcast; gloo on CPU), tensor (colocated
+    CUDA IPC)."""
     dir: str = "runs/bus"
     """Root of the disk bus (a shared filesystem on a cluster); engines are launched on its versions."""
     keep: int = 3
@@ -234,7 +235,8 @@ class BusConfig:
     catches torn and corrupted files, not deliberate tampering) or sha256 (cryptographic, ~1.1 GB/s per
     core). Readers always verify with the algorithm the manifest names."""
     fsync: bool = False
-    """fsync shards and directories before the atomic rename (host-crash durability; checksums catch torn files anyway)."""
+    """fsync shards and directories before the atomic rename (host-crash durability; checksums catch torn files
+    anyway)."""
     master_address: Optional[str] = None
     """Address the engines reach the trainer's broadcast groups at (nccl backend), the same for every
     stage: only for senders on one node. None (default) = each sender's node address: its interface
@@ -320,7 +322,8 @@ class RunConfig:
         _at_least("run", self, 0, "steps")
         _at_least("run", self, 1, "prompts_per_step", "mini_batches_per_step", "micro_batch_size",
                   "max_nonfinite_steps")
-        if not self.name.strip() or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+        if (not self.name.strip() or self.name in (".", "..") or "/" in self.name or "\\" in self.name
+                or "\0" in self.name):
             raise ValueError(f"run.name must be a plain directory name (no path separators), got {self.name!r}")
 
     @property

@@ -131,5 +131,6 @@ def hf_config_for_export(model_cfg: ModelConfig, dtype: torch.dtype,
     out["dtype"] = out["torch_dtype"] = dtype_name
     # The pre-transformers-5 keys too, so older readers (SGLang's pinned transformers) see the same RoPE.
     out["rope_theta"] = model_cfg.rope_theta
-    out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} if model_cfg.rope_scaling_factor else None
+    out["rope_scaling"] = ({k: v for k, v in rope.items() if k != "rope_theta"}
+                           if model_cfg.rope_scaling_factor else None)
     return out

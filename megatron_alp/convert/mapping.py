@@ -140,7 +140,7 @@ class WeightMap:
         parts = RESHAPES[rule.reshape][1](tensor, self.dims)
         names = [n.format(i=layer) for n, _ in rule.hf]
         out = []
-        for name, (_, symbolic), t in zip(names, rule.hf, parts):
+        for name, (_, symbolic), t in zip(names, rule.hf, parts, strict=True):
             want = self.dims.resolve(symbolic)
             if tuple(t.shape) != want:
                 raise ShapeMismatchError(f"shape mismatch for {full_name} -> {name}: got {tuple(t.shape)}, "

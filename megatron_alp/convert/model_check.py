@@ -54,7 +54,8 @@ def check_model_matches_checkpoint(model: ModelConfig, checkpoint: Optional[str]
         bad = model_differences(model, model_config_from_meta(read_meta(checkpoint)))
         if bad:
             raise ValueError(f"the model section differs from the checkpoint {checkpoint} (converted from its "
-                             f"config.json): " + "; ".join(bad) + ". Set these model fields to the checkpoint's values.")
+                             f"config.json): " + "; ".join(bad)
+                             + ". Set these model fields to the checkpoint's values.")
     hf = model.hf_path
     if hf and os.path.isfile(os.path.join(hf, "config.json")):
         bad = model_differences(model, model_config_from_hf(read_hf_config(hf)), source="config.json")

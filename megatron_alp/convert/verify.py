@@ -84,7 +84,7 @@ def _hf_logits(hf_dir: str, prompts: List[List[int]]) -> List[torch.Tensor]:
 def compare(ours: List[torch.Tensor], theirs: List[torch.Tensor], prompts: List[List[int]]) -> Dict[str, float]:
     """Max abs differences of logits, full log-softmax, and the prompt tokens' log-probs."""
     d_logits = d_lsm = d_tok = 0.0
-    for a, b, ids in zip(ours, theirs, prompts):
+    for a, b, ids in zip(ours, theirs, prompts, strict=True):
         la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
         nxt = torch.tensor(ids[1:])[:, None]
         d_logits = max(d_logits, (a - b).abs().max().item())

@@ -129,7 +129,8 @@ def load_full_state_dict(model, full: Dict[str, torch.Tensor], strict: bool = Tr
             continue
         local = shard_of(full[src_name].to(p.dtype), p, tp_rank, tp_size, vocab=name in _VOCAB_PARAMS)
         if local.shape != p.shape:
-            raise ValueError(f"{name}: full tensor gives a shard of shape {tuple(local.shape)}, model has {tuple(p.shape)}")
+            raise ValueError(f"{name}: full tensor gives a shard of shape {tuple(local.shape)}, "
+                             f"model has {tuple(p.shape)}")
         p.copy_(local)
     if strict and missing:
         raise KeyError(f"full state dict lacks {missing}")

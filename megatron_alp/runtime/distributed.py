@@ -66,7 +66,8 @@ def validate_layout(parallel, world_size: int, model_cfg=None) -> Layout:
         if model_cfg.num_layers % pp:
             raise ValueError(f"model.num_layers = {model_cfg.num_layers} is not divisible by parallel.pp = {pp}")
         if model_cfg.ffn_hidden_size % tp:
-            raise ValueError(f"model.ffn_hidden_size = {model_cfg.ffn_hidden_size} is not divisible by parallel.tp = {tp}")
+            raise ValueError(f"model.ffn_hidden_size = {model_cfg.ffn_hidden_size} is not divisible by "
+                             f"parallel.tp = {tp}")
     return Layout(tp=tp, pp=pp, cp=cp, dp=dp, sp=bool(parallel.sequence_parallel), world_size=world_size)
 
 

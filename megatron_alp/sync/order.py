@@ -6,8 +6,8 @@ reach two engines in opposite orders: engine A waits in stage 0's broadcast for 
 waits in stage 1's broadcast for engine A, until the group timeout (slime serialises its
 ``update_weights_from_distributed`` calls behind a global lock for this reason; the idea is
 credited, the code is ours). Here the exporting ranks go in rounds on a gloo group of their own:
-round r is the r-th bucket of the first exporting rank, then of the second, ..., each one started only after the previous one
-finished everywhere (a barrier), so every engine sees the same sequence and no circle can form.
+round r is the r-th bucket of the first exporting rank, then of the second, ..., each one started only after
+the previous one finished everywhere (a barrier), so every engine sees the same sequence and no circle can form.
 
 Within a stage the next bucket is gathered (TP all-gathers, FP8 quantization, host copies) while
 the current one is on the wire: :meth:`DistributedSender.start_bucket`, then the next ``next()`` of

@@ -3,8 +3,9 @@
 Data layout (:class:`~.batch.RLBatch`): every per-token array is ``[N, L]`` aligned with ``tokens``; entry
 ``[i, t]`` concerns token ``t`` (predicted from positions ``< t``), so position 0 never counts.
 Sequences are right-padded to one length per mini-batch (rounded up to a multiple of TP when
-sequence parallelism is on, and of 16 more under FP8; ``batching.seq_pad_multiple``): Megatron's pipeline schedule sends fixed-shape activations between
-stages, and padding keeps the TP/SP/PP paths identical. Padding is masked out of every loss and
+sequence parallelism is on, and of 16 more under FP8; ``batching.seq_pad_multiple``): Megatron's
+pipeline schedule sends fixed-shape activations between stages, and padding keeps the TP/SP/PP
+paths identical. Padding is masked out of every loss and
 metric.
 
 Loss scaling: the objective is aggregated with *global* normalisers (tokens or sequences summed
@@ -144,7 +145,7 @@ class Actor:
             return None
         if micro and isinstance(micro[0], PackedMicroBatch):  # back to the batch's row order
             full = torch.zeros(batch.tokens.shape, dtype=out[0].dtype, device=out[0].device)
-            for mb, lp in zip(micro, out):
+            for mb, lp in zip(micro, out, strict=True):
                 if not mb.dummy:
                     full[mb.index, :lp.shape[1]] = lp
             return full
@@ -285,7 +286,7 @@ def _token_codes(mb) -> torch.Tensor:
     if isinstance(mb, PackedMicroBatch):
         ids = _sample_ids(mb.rows)
         codes = torch.full(mb.tokens.shape, -1, dtype=torch.int64)  # the end padding: never counted
-        for k, (s, n) in enumerate(zip(mb.starts, mb.lengths)):
+        for k, (s, n) in enumerate(zip(mb.starts, mb.lengths, strict=True)):
             codes[0, s:s + n] = token_codes(ids[k].expand(n), torch.arange(n))
         return codes
     n, L = mb.tokens.shape

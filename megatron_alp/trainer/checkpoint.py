@@ -177,7 +177,7 @@ def load_checkpoint(path: str, model_chunks: List, optimizer, layout) -> Dict[st
         raise ValueError(f"checkpoint {path} was written with layout {meta.get('layout')} on "
                          f"{meta.get('world_size')} ranks; this run has {want} on {dist.get_world_size()}")
     state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), map_location="cpu", weights_only=False)
-    for chunk, sd in zip(model_chunks, state["model"]):
+    for chunk, sd in zip(model_chunks, state["model"], strict=True):
         target = chunk.module if hasattr(chunk, "module") else chunk
         target.load_state_dict(sd)
     if optimizer is not None and state["optimizer"] is not None:

@@ -85,7 +85,8 @@ class Optimizer:
         if initial_loss_scale is not None:  # fp16's dynamic scaler starts here (Megatron's default: 2**32)
             mcfg.initial_loss_scale = float(initial_loss_scale)
         self.megatron = get_megatron_optimizer(mcfg, model_chunks, config_overrides=param_group_overrides(opt_cfg, alp),
-                                               use_gloo_process_groups=self.on_gpu)  # on CPU every group is gloo already
+                                               # on CPU every group is gloo already
+                                               use_gloo_process_groups=self.on_gpu)
         decay_steps = max(1, (total_steps or 1) - opt_cfg.warmup_steps)
         style = opt_cfg.schedule if opt_cfg.schedule != "constant" else "constant"
         self.scheduler = OptimizerParamScheduler(
@@ -168,7 +169,7 @@ class Optimizer:
         subs = self._chained()
         if len(state["subs"]) != len(subs):
             raise ValueError(f"optimizer state has {len(state['subs'])} sub-optimizers, this run {len(subs)}")
-        for o, entry in zip(subs, state["subs"]):
+        for o, entry in zip(subs, state["subs"], strict=True):
             load_sub(o, entry)
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -65,7 +65,7 @@ def load_dp_reshardable(o, state: Dict) -> None:
                 if len(saved) != len(params):
                     raise ValueError(f"optimizer state: bucket {bucket_idx} of buffer {gbuf_idx} has {len(saved)} "
                                      f"parameters in the checkpoint, {len(params)} in this run")
-                for src, (model_param, prange) in zip(saved, params):
+                for src, (model_param, prange) in zip(saved, params, strict=True):
                     local = prange["gbuf_local"]
                     if (src["gbuf_local_start"], src["gbuf_local_end"]) != (local.start, local.end):
                         raise ValueError("optimizer state: a parameter's shard range differs from the checkpoint's")

@@ -107,7 +107,7 @@ class PackedMicroBatch:
     def attention_mask(self) -> torch.Tensor:
         """Block-diagonal causal mask [1, 1, T, T], True = masked (Megatron's convention)."""
         seg = torch.zeros(self.total, dtype=torch.long)
-        for k, (s, n) in enumerate(zip(self.starts, self.lengths)):
+        for k, (s, n) in enumerate(zip(self.starts, self.lengths, strict=True)):
             seg[s:s + n] = k + 1
         seg[sum(self.lengths):] = len(self.lengths) + 1  # the end padding: a block of its own
         same = seg[:, None] == seg[None, :]
@@ -119,7 +119,7 @@ class PackedMicroBatch:
         flat = packed.reshape(-1)
         L = self.rows.tokens.shape[1]
         out = flat.new_zeros(len(self.lengths), L)
-        for k, (s, n) in enumerate(zip(self.starts, self.lengths)):
+        for k, (s, n) in enumerate(zip(self.starts, self.lengths, strict=True)):
             out[k, :n] = flat[s:s + n]
             out[k, 0] = 0  # position 0 of a sample is predicted from the previous sample: never counted
         return out
@@ -140,8 +140,8 @@ def pack_rows(rows, lengths: Sequence[int], total: int, pad_id: int = 0, dummy: 
         starts.append(s)
         s += n
     positions[0, s:] = torch.arange(total - s)
-    return PackedMicroBatch(rows=rows, index=list(index), tokens=tokens, positions=positions, starts=starts, lengths=list(lengths),
-                            dummy=dummy)
+    return PackedMicroBatch(rows=rows, index=list(index), tokens=tokens, positions=positions, starts=starts,
+                            lengths=list(lengths), dummy=dummy)
 
 
 def make_packs(batch, budget: int, count: int, pad_multiple: int = 1) -> List[PackedMicroBatch]:

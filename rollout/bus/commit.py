@@ -93,7 +93,7 @@ async def _verify(client, version: str, spot: Optional[SpotCheck], report: Commi
     await client.continue_generation()
     try:
         lps = await client.prompt_logprobs(list(spot.input_ids), spot.start)
-        diff = max(abs(a - b) for a, b in zip(lps, spot.expected))
+        diff = max(abs(a - b) for a, b in zip(lps, spot.expected, strict=True))
         report.spot_max_abs_diff[client.url] = diff
         logger.info("engine %s: spot-check max |logprob - trainer| = %.3g at version %s", client.url, diff, version)
         if spot.tol is not None and diff > spot.tol:
@@ -160,7 +160,7 @@ async def commit(fleet, version, apply: Apply, *, retries: int = 1, on_failure: 
     errors_list = await asyncio.gather(*(
         _apply_one(c, version, apply, retry_apply, retries, spot_check, report, failed.get(c.url), backoff_s,
                    applied) for c in clients))
-    errors = {c.url: e for c, e in zip(clients, errors_list) if e is not None}
+    errors = {c.url: e for c, e in zip(clients, errors_list, strict=True) if e is not None}
     ok = [c.url for c in clients if c.url not in errors]
     report.seconds = time.perf_counter() - t0
     if not ok:
@@ -194,7 +194,8 @@ async def begin_session(fleet, pause_mode: str = "abort") -> Dict[str, str]:
     await fleet.pause(pause_mode)
     clients = fleet.live_clients
     res = await asyncio.gather(*(c.begin_weight_update() for c in clients), return_exceptions=True)
-    return {c.url: f"begin_weight_update: {r}" for c, r in zip(clients, res) if isinstance(r, BaseException)}
+    return {c.url: f"begin_weight_update: {r}"
+            for c, r in zip(clients, res, strict=True) if isinstance(r, BaseException)}
 
 
 NOT_FLUSHED = "the cache was not flushed"  # SGLang 0.5.23 WeightUpdater.flush_cache_after_weight_update

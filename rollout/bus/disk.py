@@ -215,7 +215,7 @@ class DiskBus:
         if not names:
             raise BusError(f"{staged}: finalize needs at least one part")
         files = [os.path.join(staged, f"part-model-{n}.json") for n in names]
-        missing = [n for n, f in zip(names, files) if not os.path.isfile(f)]
+        missing = [n for n, f in zip(names, files, strict=True) if not os.path.isfile(f)]
         if missing:
             raise BusError(f"{staged}: the part of {', '.join(missing)} is missing (no "
                            f"{', '.join(f'part-model-{n}.json' for n in missing)}): refusing to publish a "

@@ -53,7 +53,7 @@ def unflatten_bucket(flat: torch.Tensor, names: Sequence[str], dtypes: Sequence[
     if not (len(names) == len(dtypes) == len(shapes)):
         raise BusError(f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes")
     out, offset = [], 0
-    for name, dt, shape in zip(names, dtypes, shapes):
+    for name, dt, shape in zip(names, dtypes, shapes, strict=True):
         dtype = to_dtype(dt)
         size = int(torch.Size(shape).numel()) * dtype.itemsize
         if offset % dtype.itemsize:

@@ -61,13 +61,13 @@ class DistributedSender:
             offset += n
         futures = [submit(c.init_weights_update_group(self.master_address, port, off, self.world_size,
                                                       self.group_name, self.backend))
-                   for c, off in zip(self.clients, offsets)]
+                   for c, off in zip(self.clients, offsets, strict=True)]
         try:
             self.group = join_update_group(self.master_address, port, 0, self.world_size, self.group_name,
                                            self.backend, self.timeout_s)
         except Exception as e:
             details = {}
-            for c, f in zip(self.clients, futures):
+            for c, f in zip(self.clients, futures, strict=True):
                 try:
                     f.result(timeout=1.0)
                 except Exception as err:  # the engine's own account of why it did not join
@@ -115,7 +115,7 @@ class DistributedSender:
             for c in self.clients:
                 self.errors.setdefault(c.url, f"broadcast of {len(names)} tensors failed: {type(e).__name__}: {e}")
             logger.error("bus: group %s broken during a broadcast: %s", self.group_name, e)
-        for c, f in zip(live, futures):
+        for c, f in zip(live, futures, strict=True):
             try:
                 f.result(timeout=self.timeout_s)
             except Exception as e:

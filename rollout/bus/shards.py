@@ -68,13 +68,14 @@ def write_shard(path: str, tensors: List[Tuple[str, torch.Tensor]], pool: Option
     views = [raw_bytes(t) for _, t in cpu]
     streamed = pool is None
     # the pool hashes while we write
-    pending = [] if streamed else [submit_digest(t, pool, checksum, chunk_bytes, v) for (_, t), v in zip(cpu, views)]
+    pending = [] if streamed else [submit_digest(t, pool, checksum, chunk_bytes, v)
+                                   for (_, t), v in zip(cpu, views, strict=True)]
     header = _header(cpu)
     digests: Dict[str, str] = {}
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for (name, _), v in zip(cpu, views):
+        for (name, _), v in zip(cpu, views, strict=True):
             if streamed:
                 digests[name] = write_digest(f.write, v, checksum, chunk_bytes)
             elif len(v):
@@ -84,7 +85,7 @@ def write_shard(path: str, tensors: List[Tuple[str, torch.Tensor]], pool: Option
             os.fsync(f.fileno())
         size = f.tell()
     if not streamed:
-        digests = {name: result() for (name, _), result in zip(cpu, pending)}
+        digests = {name: result() for (name, _), result in zip(cpu, pending, strict=True)}
     return size, digests
 
 

@@ -139,7 +139,7 @@ class TensorSender:
 
         named = [(n, t.cuda()) for n, t in named]  # kept alive until every engine answered
         futures = [(c, submit(c.update_weights_from_tensor(tensor_payloads(named, tp))))
-                   for c, tp in zip(self.clients, self.tp_sizes) if c.url not in self.errors]
+                   for c, tp in zip(self.clients, self.tp_sizes, strict=True) if c.url not in self.errors]
         for c, f in futures:
             try:
                 f.result()

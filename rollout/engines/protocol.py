@@ -161,7 +161,7 @@ def parse_generate(obj: Any, engine: str, *, expect_logprobs: bool = True) -> Ge
         if len(entries) != len(ids):
             raise bad(f"{len(entries)} log-probs for {len(ids)} output tokens")
         logprobs = []
-        for i, (entry, tok) in enumerate(zip(entries, ids)):
+        for i, (entry, tok) in enumerate(zip(entries, ids, strict=True)):
             if not isinstance(entry, (list, tuple)) or len(entry) < 2:
                 raise bad(f"output_token_logprobs[{i}] = {entry!r} is not [logprob, token_id, ...]")
             lp, tid = entry[0], entry[1]

@@ -35,7 +35,8 @@ _VERL = ("prompt",), ("reward_model.ground_truth",)
 # Field names of the dumps users have (checked against each dataset card / file): one source of
 # truth for which fields a benchmark file must carry.
 BENCHMARKS: Dict[str, BenchmarkSpec] = {
-    "aime2024": BenchmarkSpec(("problem", "Problem", "question", "prompt"), ("answer", "Answer", "gt", "reward_model.ground_truth"),
+    "aime2024": BenchmarkSpec(("problem", "Problem", "question", "prompt"),
+                              ("answer", "Answer", "gt", "reward_model.ground_truth"),
                               "HuggingFaceH4/aime_2024 (problem, answer); Maxwell-Jia/AIME_2024 (Problem, Answer); "
                               "weqweasdas/aime24 (problem, gt: the ALP reference's single-turn eval)"),
     "aime2025": BenchmarkSpec(("problem", "question", "prompt"), ("answer", "gt", "reward_model.ground_truth"),

@@ -88,7 +88,8 @@ def scalars(runs: Sequence[BenchmarkRun]) -> Dict[str, float]:
 
 def summary_line(runs: Sequence[BenchmarkRun]) -> str:
     """One terminal line: ``eval math500 avg@16 0.412 pass@16 0.80 | ...``."""
-    parts = [f"{r.result.name} avg@{r.result.n} {r.result.avg_at_n:.4f} pass@{r.result.n} {r.result.pass_at[r.result.n]:.4f}"
+    parts = [f"{r.result.name} avg@{r.result.n} {r.result.avg_at_n:.4f} "
+             f"pass@{r.result.n} {r.result.pass_at[r.result.n]:.4f}"
              for r in runs]
     return "eval " + " | ".join(parts)
 
@@ -139,7 +140,8 @@ def write_report(runs: Sequence[BenchmarkRun], out_dir: str, *, title: str = "",
 
 def sample_record(benchmark: str, s: Sample, threshold: float = 1.0) -> Dict:
     return {"benchmark": benchmark, "problem": s.group_id, "sample": s.index, "label": _jsonable(s.label),
-            "reward": s.reward, "correct": s.reward >= threshold, "response": s.response_text, "response_tokens": len(s.response_ids),
+            "reward": s.reward, "correct": s.reward >= threshold, "response": s.response_text,
+            "response_tokens": len(s.response_ids),
             "model_tokens": s.num_model_tokens, "finish_reason": s.finish_reason, "num_turns": s.num_turns,
             "tool_statuses": s.metadata.get("tool_statuses", []), "weight_version": s.weight_version}
 

@@ -53,7 +53,8 @@ def char_match_score(response: str, answer: str) -> float:
     """Positionwise matches / max(len(answer), len(response)); 1.0 only for an exact answer."""
     if not answer and not response:
         return 1.0
-    hits = sum(1 for a, b in zip(response, answer) if a == b)
+    # positionwise over the shorter string (the longer one's tail counts in the denominator): truncation intended
+    hits = sum(1 for a, b in zip(response, answer, strict=False) if a == b)
     return hits / max(len(answer), len(response))
 
 

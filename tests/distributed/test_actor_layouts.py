@@ -82,7 +82,8 @@ def _world(rank, world_size, extra, packing):
         record = []
         metrics = actor.train_step(data, step=3, record=record)
         metrics.update(actor.step_metrics(record))  # the token metrics (ratio/, mismatch/...) of the update
-        out[name] = {"loss": metrics.get("train/loss"), "grads": full_state_dict(model, V, grads=True, include_alp=True),
+        out[name] = {"loss": metrics.get("train/loss"),
+                     "grads": full_state_dict(model, V, grads=True, include_alp=True),
                      "metrics": metrics}
 
     model = build(cfg, block_spec=spec, tp=2)  # any layout: only to draw the full weights

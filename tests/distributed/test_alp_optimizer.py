@@ -55,11 +55,11 @@ def test_sigma_group_and_learning():
     assert any(g["wd"] > 0 for g in others) and any(g["wd"] == 0 for g in others)  # 1-D weights undecayed
     # Adam moves each parameter by about lr per step: 3 steps at sigma_lr = 0.05 move log-sigma by
     # 0.05-0.15; at the weights' lr (1e-4) it would barely move.
-    for a, b in zip(after, before):
+    for a, b in zip(after, before, strict=True):
         assert 0.04 < (a - b).abs().item() <= 0.15 + 1e-6, (a, b)
 
 
 def test_fixed_sigma_does_not_move():
     groups, before, after = run_world(_world, 1, args=(False,), timeout=200)[0]
     assert not any(g["n_sigma"] for g in groups), "a fixed sigma must not be handed to the optimizer"
-    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))

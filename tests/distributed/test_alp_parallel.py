@@ -49,7 +49,8 @@ def _reference(cfg, full, tokens, labels, micro_batch_size=2):
     n = tokens.shape[0] // micro_batch_size
     losses = []
     for i in range(n):
-        t, lab = tokens[i * micro_batch_size:(i + 1) * micro_batch_size], labels[i * micro_batch_size:(i + 1) * micro_batch_size]
+        t = tokens[i * micro_batch_size:(i + 1) * micro_batch_size]
+        lab = labels[i * micro_batch_size:(i + 1) * micro_batch_size]
         with _ctx(i):
             loss = ce_loss(model(t, positions(t), None), lab)
         (loss / n).backward()

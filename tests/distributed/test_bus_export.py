@@ -231,7 +231,7 @@ def test_tp2_and_pp2_round_trips_bitwise_and_match_a_fresh_engine(engine, tmp_pa
         fresh.stop()
     # Two engine processes: same weights, but float sums may associate differently (thread
     # count, batching), so log-probs agree within a stated tolerance, not bitwise.
-    for a, b in zip(updated, started):
+    for a, b in zip(updated, started, strict=True):
         assert a.output_ids == b.output_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
         assert a.weight_version == b.weight_version == "3"

@@ -54,4 +54,5 @@ def test_stages_take_turns_and_overlap_the_next_gather(tmp_path):
     for rank, n in BUCKETS.items():
         mine = [e for e in events if e.split()[1].startswith(f"{rank}.")]
         for b in range(n - 1):  # bucket b+1 is gathered while bucket b is on the wire
-            assert mine.index(f"start {rank}.{b}") < mine.index(f"gather {rank}.{b + 1}") < mine.index(f"finish {rank}.{b}")
+            assert (mine.index(f"start {rank}.{b}") < mine.index(f"gather {rank}.{b + 1}")
+                    < mine.index(f"finish {rank}.{b}"))

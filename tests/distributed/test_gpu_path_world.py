@@ -121,7 +121,8 @@ def _extra_state_load(rank, world_size, path):
 
     target.sharded_state_dict = with_extra
     load_megatron_checkpoint(target, path)
-    equal = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), target.state_dict().values())
+    equal = all(torch.equal(a, b)
+                for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True)
                 if isinstance(a, torch.Tensor))
 
     def with_unknown(*a, **k):

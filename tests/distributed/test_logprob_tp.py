@@ -104,7 +104,7 @@ def _worker(rank, world_size):
         (lp - 0.5 * ent).sum().backward()
         outs.append((lp.detach(), ent.detach(), shard.grad))
     for other in outs[1:]:
-        for a, b in zip(outs[0], other):
+        for a, b in zip(outs[0], other, strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=2e-7)
 
     # a bad id raises the same error on every rank (validation is local: no rank hangs)

@@ -42,8 +42,8 @@ def _metrics(inputs, objective, hparams, group):
     from megatron_alp.algo.metrics import compute_metrics
 
     lp, lmu, lold, adv, mask, ent = inputs
-    out = compute_metrics(lp, lmu, mask, old_logp=lold, base_logp=lold, advantages=adv, entropy=ent, objective=objective,
-                          hparams=hparams, group=group, hist_samples=1_000_000)
+    out = compute_metrics(lp, lmu, mask, old_logp=lold, base_logp=lold, advantages=adv, entropy=ent,
+                          objective=objective, hparams=hparams, group=group, hist_samples=1_000_000)
     return {k: v.tolist() for k, v in out.items()}
 
 
@@ -59,7 +59,7 @@ def _worker(rank, world_size):
 
 def _same(a, b):
     if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)

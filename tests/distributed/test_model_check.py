@@ -49,7 +49,8 @@ def converted(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("WORLD_SIZE", None)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), "hf-to-mcore", "--hf", src,
-                        "--out", mcore, "--no-progress"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                        "--out", mcore, "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     return src, mcore
 

@@ -99,7 +99,8 @@ def test_layouts_match_tp1(tie):
         # PP: each stage holds half of the layers; the loss lives on the last stage.
         pp = res["pp2"]
         if pp["loss"] is not None:
-            torch.testing.assert_close(pp["loss"], ref["loss"], rtol=1e-6, atol=2e-5, msg=lambda m, pp=pp: f"pp2 loss {pp['loss']} vs {ref['loss']}: {m}")
+            torch.testing.assert_close(pp["loss"], ref["loss"], rtol=1e-6, atol=2e-5,
+                                       msg=lambda m, pp=pp: f"pp2 loss {pp['loss']} vs {ref['loss']}: {m}")
         assert pp["grads"], "a pipeline stage returned no gradients"
         for name, g in pp["grads"].items():
             # Tied embeddings: the last stage's output_layer.weight is the embedding's copy, and

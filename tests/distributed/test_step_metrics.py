@@ -70,7 +70,7 @@ def _world(rank, world_size):
                       for r in record])
     mask = torch.cat([torch.cat([mb.loss_mask for mb in r["mb"]]) for r in record]) > 0
     seq = torch.cat([torch.cat([((lp.double() - mb.rollout_logp.double()) * mb.loss_mask).sum(-1)
-                                for lp, mb in zip(r["lp"], r["mb"])])
+                                for lp, mb in zip(r["lp"], r["mb"], strict=True)])
                      for r in record])
     per_rank = [None] * world_size
     dist.all_gather_object(per_rank, (mine[mask].double(), seq.double(), plain, local.rollout_logp, local.loss_mask,

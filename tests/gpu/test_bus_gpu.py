@@ -13,7 +13,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI and dev machines have none)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (CI and dev machines have none)")
 
 
 def _named():
@@ -54,7 +55,7 @@ def test_tensor_backend_ipc_handles_round_trip():
     p.join(timeout=60)
     assert unpatched_failed, "the payload must name the GPU by UUID (SGLang's reduction patch), not by index"
     assert len(got) == len(named)
-    for (n, t), (m, u) in zip(named, got):
+    for (n, t), (m, u) in zip(named, got, strict=True):
         assert n == m and u.dtype == t.dtype and torch.equal(u.float(), t.cpu().float())
 
 

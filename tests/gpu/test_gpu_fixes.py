@@ -20,7 +20,8 @@ import types
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI and dev machines have none)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (CI and dev machines have none)")
 
 DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
@@ -93,7 +94,7 @@ def _steps_world(rank, world_size):
 def runs():
     from megatron_alp.runtime.spawn import run_world
 
-    return dict(zip(RUNS, run_world(_steps_world, 1, timeout=400, env=DETERMINISTIC)[0]))
+    return dict(zip(RUNS, run_world(_steps_world, 1, timeout=400, env=DETERMINISTIC)[0], strict=True))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -237,5 +238,5 @@ def test_logprobs_cuda_match_cpu(dtype):
     target = torch.randint(0, 900, (3, 50), generator=g)
     cpu = vocab_parallel_logprobs(logits, target, with_entropy=True, vocab_size=900, temperature=0.7)
     gpu = vocab_parallel_logprobs(logits.cuda(), target.cuda(), with_entropy=True, vocab_size=900, temperature=0.7)
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=True):
         assert torch.allclose(a, b.cpu(), rtol=1e-5, atol=1e-4)

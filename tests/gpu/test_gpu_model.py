@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI and dev machines have none)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (CI and dev machines have none)")
 
 
 def _world(rank, world_size):
@@ -20,7 +21,8 @@ def _world(rank, world_size):
     cfg = load_config(None, ["model.vocab_size=256"])
     init_parallel_state(cfg.parallel, cfg.model, seed=3)
     local = build_gpt_model(cfg.model, cfg.parallel, cfg.precision,
-                            block_spec=lambda c: stock_block_spec(cfg.model, c, stock_layer_spec(cfg.model, use_te=False)))
+                            block_spec=lambda c: stock_block_spec(cfg.model, c,
+                                                                  stock_layer_spec(cfg.model, use_te=False)))
     tokens = torch.randint(0, 256, (2, 32), device="cuda")
     pos = torch.arange(32, device="cuda")[None].expand(2, -1)
     out = {"local": local(tokens, pos, None).float().cpu()}

@@ -88,9 +88,9 @@ def test_logprobs_equal_a_transformers_forward(engine, hf, temperature, top_p, t
         async with client(engine) as c:
             params = [sampling_params(max_new_tokens=16, temperature=temperature, top_p=top_p, top_k=top_k,
                                       ignore_eos=True, sampling_seed=42 + i) for i in range(len(prompts))]
-            return await asyncio.gather(*(c.generate(p, q) for p, q in zip(prompts, params)))
+            return await asyncio.gather(*(c.generate(p, q) for p, q in zip(prompts, params, strict=True)))
 
-    for prompt, out in zip(prompts, asyncio.run(main())):
+    for prompt, out in zip(prompts, asyncio.run(main()), strict=True):
         ref = ref_logprobs(hf, prompt, out.output_ids, temperature)
         assert out.logprobs == pytest.approx(ref, abs=2e-4)
         # the same numbers at T = 1 would be different: the temperature is in the log-prob

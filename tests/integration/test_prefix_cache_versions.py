@@ -88,7 +88,7 @@ def in_flight(fleet, eng, ps):
 
 
 def check(models, eng, ps, outs):
-    diffs = [max_diff(models[o.weight_version], p, o) for p, o in zip(ps, outs)]
+    diffs = [max_diff(models[o.weight_version], p, o) for p, o in zip(ps, outs, strict=True)]
     assert max(diffs) < TOL, diffs
     assert eng.model.prefix_cache.stats["stale_hits"] == 0
 

@@ -61,7 +61,8 @@ def test_trainer_batch_masks_exactly_the_tool_output(assets, tmp_path):
         masked = [t for j, t in enumerate(ids[start:end], start) if mask[j] == 0]
         text = tok.decode(masked)
         # every masked response token is tool output: "\nCode execution result: ...\n" blocks only
-        assert text.count(OBS_MARKER) == text.count("\n" + OBS_MARKER) and (not masked or text.startswith("\n" + OBS_MARKER))
+        assert text.count(OBS_MARKER) == text.count("\n" + OBS_MARKER)
+        assert not masked or text.startswith("\n" + OBS_MARKER)
         assert OBS_MARKER not in tok.decode([t for j, t in enumerate(ids[start:end], start) if mask[j] > 0])
         n_obs += len(masked)
         assert batch.rollout_logp[i][[j for j in range(start, end) if mask[j] == 0]].abs().sum() == 0

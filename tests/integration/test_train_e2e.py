@@ -84,7 +84,7 @@ def test_token_alp_tp2(assets, tmp_path):
     assert all(0 < r <= 1 for r in scal["rollout/reward_mean"])
     steps = _steps(run, "eval/copy_heldout/avg@4")
     assert steps == [0, 2, 3], steps  # the start, eval.interval, the final evaluation
-    for avg, p4 in zip(scal["eval/copy_heldout/avg@4"], scal["eval/copy_heldout/pass@4"]):
+    for avg, p4 in zip(scal["eval/copy_heldout/avg@4"], scal["eval/copy_heldout/pass@4"], strict=True):
         assert 0 <= avg <= p4 <= 1
     for s in steps:
         assert os.path.isfile(os.path.join(run, "eval", f"step_{s:06d}", "results.csv"))

@@ -40,7 +40,8 @@ def test_fp8_version_0_from_the_hf_checkpoint(hf, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     assert pub[name].dtype == torch.float8_e4m3fn and pub[name + SCALE_SUFFIX].shape == (3, 2)  # 384x256 / 128
     w = src[name].float()
-    assert ((dequantize(pub[name], pub[name + SCALE_SUFFIX]) - w).abs() <= error_bound(w, pub[name + SCALE_SUFFIX])).all()
+    scale = pub[name + SCALE_SUFFIX]
+    assert ((dequantize(pub[name], scale) - w).abs() <= error_bound(w, scale)).all()
     assert pub["model.embed_tokens.weight"].dtype == torch.bfloat16  # outside the layers: bf16
     assert set(n for n in pub if not n.endswith(SCALE_SUFFIX)) == set(src)
     bus = DiskBus(str(tmp_path / "bus"))

@@ -59,7 +59,7 @@ def test_reshapes_invert_exactly(name):
     srcs = [torch.randn(s) for s in shapes[name]]
     to_m, to_hf = RESHAPES[name]
     back = to_hf(to_m(srcs, dims), dims)
-    assert len(back) == len(srcs) and all(torch.equal(a, b) for a, b in zip(srcs, back))
+    assert len(back) == len(srcs) and all(torch.equal(a, b) for a, b in zip(srcs, back, strict=True))
 
 
 @pytest.mark.parametrize("kind", KINDS)

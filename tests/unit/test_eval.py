@@ -101,7 +101,8 @@ def test_registry_fields_and_errors(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="no file"):
         load_benchmark(str(tmp_path / "missing.jsonl"), tokenizer, data)
     # a user's own benchmark by field mapping; too-long prompts dropped and counted
-    own = write_jsonl(tmp_path / "own.jsonl", [{"q": "3+3?", "sol": {"final": "6"}}, {"q": "9" * 600, "sol": {"final": "1"}}])
+    own = write_jsonl(tmp_path / "own.jsonl",
+                      [{"q": "3+3?", "sol": {"final": "6"}}, {"q": "9" * 600, "sol": {"final": "1"}}])
     name, prompts, dropped = load_benchmark(f"mine={own}", tokenizer, data, prompt_key="q", label_key="sol.final")
     assert name == "mine" and [p.label for p in prompts] == ["6"] and dropped == 1
     assert parse_dataset("a/b/aime25.parquet") == ("aime25", "a/b/aime25.parquet")
@@ -119,7 +120,8 @@ class ScriptedEngine:
         self.calls.append(text)
         reply, finish, matched = self.script(text, params)
         ids = self.tokenizer.encode(reply, add_special_tokens=False)
-        return GenerateOutput(output_ids=ids, logprobs=[-0.5] * len(ids), finish_reason=finish, weight_version="0", engine="scripted",
+        return GenerateOutput(output_ids=ids, logprobs=[-0.5] * len(ids), finish_reason=finish, weight_version="0",
+                              engine="scripted",
                               finish_detail={"type": finish, "matched": matched}, text=reply)
 
 

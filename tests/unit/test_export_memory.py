@@ -66,7 +66,8 @@ def test_tied_output_layer_is_not_gathered(monkeypatch):
     for tied in (True, False):
         gathered.clear()
         wm = types.SimpleNamespace(model=types.SimpleNamespace(tie_embeddings=tied),
-                                   megatron_to_hf=lambda n, full, p, tied=tied: [] if tied and n.startswith("output") else [(n, full)])
+                                   megatron_to_hf=lambda n, full, p, tied=tied: (
+                                       [] if tied and n.startswith("output") else [(n, full)]))
         names = [n for n, _ in export.iter_hf_tensors([object()], wm, 8)]
         assert gathered == names == (["embedding.word_embeddings.weight"] if tied else
                                      ["embedding.word_embeddings.weight", "output_layer.weight"])

@@ -118,7 +118,7 @@ class _FakeDistOpt:
         for p in params[:-1]:
             starts.append(starts[-1] + p.numel())
         self.gbuf_ranges = [{torch.float32: [{"param_map": {
-            p: {"gbuf_local": _Range(s, s + p.numel())} for p, s in zip(params, starts)}}]}]
+            p: {"gbuf_local": _Range(s, s + p.numel())} for p, s in zip(params, starts, strict=True)}}]}]
         self.set = {}
 
     def _set_main_param_and_optimizer_states(self, p, tensors):

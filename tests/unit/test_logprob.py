@@ -95,7 +95,7 @@ def test_fp32_matches_naive(temperature, vocab_size, chunk):
     ours, ref = run_both(logits, target, gl, gh, temperature=temperature, vocab_size=vocab_size, chunk_size=chunk)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
     assert ours[0].shape == target.shape and ours[1].shape == target.shape
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a.double(), b.double(), **FP32_TOL)
     if vocab_size is not None:
         assert torch.all(ours[2][..., vocab_size:] == 0), "padded entries must get zero gradient"
@@ -157,7 +157,7 @@ def test_chunked_equals_unchunked(dtype):
         (lp * gl + ent * gh).sum().backward()
         results.append((lp.detach(), ent.detach(), z.grad))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             # the per-token arithmetic does not depend on the chunking: bitwise on this machine,
             # asserted to 1 fp32 ulp to stay robust to vectorisation differences elsewhere
             torch.testing.assert_close(a, b, atol=0, rtol=2e-7 if a.dtype == torch.float32 else 2.0**-8)

@@ -37,7 +37,7 @@ def test_ratio_quantiles_are_torch_quantiles_of_the_masked_values():
     seq = ((lp - lmu) * mask).sum(-1).exp()
     for vals, prefix in ((tok, "ratio/token"), (seq, "ratio/seq")):
         ref = torch.quantile(vals, torch.tensor(QS, dtype=D))
-        for (_, label), want in zip(QUANTILES, ref):
+        for (_, label), want in zip(QUANTILES, ref, strict=True):
             assert _close(out[f"{prefix}_{label}"], want), (prefix, label)
         assert _close(out[f"{prefix}_min"], vals.min()) and _close(out[f"{prefix}_max"], vals.max())
     assert _close(out["ratio/token_mean"], tok.mean())
@@ -95,11 +95,12 @@ def test_loss_ratio_quantiles_are_token_weighted(objective):
     anchor = lold if objective in ("mis_seq_geo", "ppo") else lmu
     d = (lp - anchor) * mask
     n = mask.sum(-1, keepdim=True)
-    per_tok = {"bypass_seq": d.sum(-1, keepdim=True).expand_as(d), "bypass_geo": (d.sum(-1, keepdim=True) / n).expand_as(d),
+    per_tok = {"bypass_seq": d.sum(-1, keepdim=True).expand_as(d),
+               "bypass_geo": (d.sum(-1, keepdim=True) / n).expand_as(d),
                "mis_seq_geo": (d.sum(-1, keepdim=True) / n).expand_as(d), "ppo": d}[objective]
     vals = per_tok[m].clamp(-20, 20).exp()
     ref = torch.quantile(vals, torch.tensor(QS, dtype=D))
-    for (_, label), want in zip(QUANTILES, ref):
+    for (_, label), want in zip(QUANTILES, ref, strict=True):
         assert _close(out[f"ratio/loss_{label}"], want), label
     assert _close(out["ratio/loss_max"], vals.max())
 
@@ -144,7 +145,7 @@ def test_drpo_weights_and_dppo_boundary():
     r = pi / mu
     w = (1 - torch.sign(adv * (r - 1)) * (pi - mu).abs() / delta)[m]
     ref = torch.quantile(w, torch.tensor(QS, dtype=D))
-    for (_, label), want in zip(QUANTILES, ref):
+    for (_, label), want in zip(QUANTILES, ref, strict=True):
         assert _close(out[f"drpo/w_{label}"], want)
     assert _close(out["drpo/w_min"], w.min()) and _close(out["drpo/w_max"], w.max())
     assert _close(out["drpo/w_mean"], w.mean())

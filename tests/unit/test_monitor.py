@@ -67,7 +67,8 @@ def test_custom_scalars_layout_is_written_and_names_only_logged_series(tmp_path)
     g = torch.Generator().manual_seed(0)
     lmu = -torch.rand(4, 6, generator=g, dtype=torch.float64) - 0.5
     lp = lmu + 0.1 * torch.randn(4, 6, generator=g, dtype=torch.float64)
-    out = compute_metrics(lp, lmu, torch.ones(4, 6), old_logp=lmu, base_logp=lmu, advantages=torch.randn(4, generator=g),
+    out = compute_metrics(lp, lmu, torch.ones(4, 6), old_logp=lmu, base_logp=lmu,
+                          advantages=torch.randn(4, generator=g),
                           objective="bypass_seq", hparams=dict(eps_low=0.5, eps_high=3.0, dual_clip=10.0))
     metrics = {k: (v.tolist() if v.dim() else float(v)) for k, v in out.items()}
     metrics.update({"ratio/k3_first_update": 0.1, "rollout/reward_mean": 0.5, "alp/sigma/decoder.layers.0": 0.02,

@@ -150,7 +150,8 @@ def test_aggregation_invariance_micro_batches_and_dp_shards(objective):
     for mode in AGGREGATIONS:
         kw = dict(horizon=16) if mode == "seq-mean-token-sum-norm" else {}
         leaf = lp.clone().requires_grad_(True)
-        full = aggregate(token_losses(objective, leaf, lmu, adv, mask, old_logp=lold, **HP[objective]), mask, mode, **kw)
+        full = aggregate(token_losses(objective, leaf, lmu, adv, mask, old_logp=lold, **HP[objective]), mask, mode,
+                         **kw)
         full.backward()
         g_full = leaf.grad.clone()
 

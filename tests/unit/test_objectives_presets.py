@@ -80,7 +80,8 @@ def test_config_objective_list_matches_implementation():
     [
         (["algorithm.dual_clip=1.0"], "algorithm.dual_clip"),
         (["algorithm.eps_low=1.5"], "algorithm.eps_low"),
-        (["algorithm.objective=mis_token", "algorithm.recompute_old_logp=true", "algorithm.is_low=5"], "algorithm.is_low"),
+        (["algorithm.objective=mis_token", "algorithm.recompute_old_logp=true", "algorithm.is_low=5"],
+         "algorithm.is_low"),
         (["algorithm.objective=drpo", "algorithm.delta=-1"], "algorithm.delta"),
         (["algorithm.veto=0"], "algorithm.veto"),
         (["algorithm.trunc=-2"], "algorithm.trunc"),

@@ -62,7 +62,8 @@ def test_gspo_clip_value():
     # Explicitly: A > 0, rho = 4 > 1 + 4e-4 -> L = max(-A*4, -A*1.0004) = -A*1.0004
     lmu = torch.full((1, 2), math.log(MU), dtype=D)
     lp = logs([[2 * MU, 8 * MU]])
-    out = token_losses("bypass_geo", lp, lmu, t([[0.5, 0.5]]), t([[1, 1]]), eps_low=3e-4, eps_high=4e-4, dual_clip=100.0)
+    out = token_losses("bypass_geo", lp, lmu, t([[0.5, 0.5]]), t([[1, 1]]), eps_low=3e-4, eps_high=4e-4,
+                       dual_clip=100.0)
     assert torch.allclose(out, t([[-0.5 * 1.0004] * 2]), atol=1e-12)
 
 
@@ -233,7 +234,8 @@ def test_nonfinite_logprobs_are_masked_not_propagated(where, bad_value):
         inputs[where][1, 2] = bad_value
         leaf = inputs["logp"].clone().requires_grad_(True)
         out = token_losses(obj, leaf, inputs["rollout_logp"], adv, mask, old_logp=inputs["old_logp"], **hp)
-        uses_input = where != "old_logp" or obj in {"ppo", "mis_token", "mis_seq", "mis_seq_geo", "tis_token", "tis_seq"}
+        uses_input = where != "old_logp" or obj in {"ppo", "mis_token", "mis_seq", "mis_seq_geo", "tis_token",
+                                                    "tis_seq"}
         assert torch.isfinite(out).all(), (obj, where)
         out.sum().backward()
         assert torch.isfinite(leaf.grad).all(), (obj, where)

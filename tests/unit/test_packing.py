@@ -70,7 +70,7 @@ def test_packs_mask_positions_and_unpack():
     assert sorted(i for p in real for i in p.index) == [0, 1, 2, 3]
     for p in real:
         mask = p.attention_mask()[0, 0]
-        for s, n, i in zip(p.starts, p.lengths, p.index):
+        for s, n, i in zip(p.starts, p.lengths, p.index, strict=True):
             assert torch.equal(p.tokens[0, s:s + n], b.tokens[i, :n])
             assert p.positions[0, s:s + n].tolist() == list(range(n))
             # token t of a sample sees exactly its own tokens <= t
@@ -79,7 +79,7 @@ def test_packs_mask_positions_and_unpack():
                 assert visible == list(range(s, s + t + 1))
         values = torch.arange(p.total, dtype=torch.float32)[None]
         rows = p.unpack(values)
-        for k, (s, n) in enumerate(zip(p.starts, p.lengths)):
+        for k, (s, n) in enumerate(zip(p.starts, p.lengths, strict=True)):
             assert rows[k, 0] == 0 and rows[k, 1:n].tolist() == list(range(s + 1, s + n))
             assert rows[k, n:].abs().sum() == 0
     for d in packs:

@@ -31,7 +31,8 @@ def test_defaults_validate():
     ({"urls": ["localhost:3000"]}, "rollout.urls"),
     ({"max_new_tokens": 0}, "rollout.max_new_tokens"),
     ({"engine": "sglang", "api_key": "k", "sglang": SGLangConfig(router=True)}, "rollout.sglang.router"),
-    ({"engine": "sglang", "multi_turn": MultiTurnConfig(enabled=True), "sglang": SGLangConfig(skip_tokenizer_init=True)},
+    ({"engine": "sglang", "multi_turn": MultiTurnConfig(enabled=True),
+      "sglang": SGLangConfig(skip_tokenizer_init=True)},
      "rollout.multi_turn"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):

@@ -39,7 +39,8 @@ def test_chat_template_and_metadata(tok):
     prompts, counts = build_prompts(RECORDS[:1] + RECORDS[2:], tok, cfg)
     assert counts == {"total": 2, "dropped": 0, "truncated": 0}
     p = prompts[0]
-    assert p.text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert p.text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                      "<|im_start|>assistant\n")
     assert tok.decode(p.prompt_ids) == p.text and p.label == "4" and p.metadata == {"source": "a"}
     assert prompts[1].text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     raw, _ = build_prompts(RECORDS[:1], tok, DataConfig(apply_chat_template=False))

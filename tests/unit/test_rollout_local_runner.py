@@ -53,13 +53,13 @@ def test_continuous_batching_matches_one_at_a_time(lm):
                for n in torch.randint(2, 12, (10,), generator=g)]
     lengths = [3, 9, 5, 12, 4, 7, 10, 2, 6, 8]
     reqs = [Request(rid=str(i), input_ids=p, max_new_tokens=n, temperature=0.0, return_logprob=True)
-            for i, (p, n) in enumerate(zip(prompts, lengths))]
+            for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))]
     sched = Scheduler(lm, max_batch_size=4, batch_wait_s=0.0)
     try:
         run_all(sched, reqs)
     finally:
         sched.close()
-    for r, p, n in zip(reqs, prompts, lengths):
+    for r, p, n in zip(reqs, prompts, lengths, strict=True):
         ids, lps = reference(lm.model, p, n)
         assert r.output_ids == ids, f"request {r.rid}"
         assert r.logprobs == pytest.approx(lps, abs=1e-4)
@@ -81,7 +81,7 @@ def test_sampling_logprobs_are_full_distribution_at_temperature(lm):
     assert r.logprobs == pytest.approx(ref.tolist(), abs=1e-4)
     # each sampled token is inside the top-5 (the filter applies to sampling only)
     top5 = torch.topk(logits[len(prompt) - 1:-1], 5, dim=-1).indices
-    assert all(t in row for t, row in zip(r.output_ids, top5.tolist()))
+    assert all(t in row for t, row in zip(r.output_ids, top5.tolist(), strict=True))
 
 
 def test_stop_tokens_and_eos(lm):

@@ -93,8 +93,8 @@ def test_tool_call_then_answer_masks_and_logprobs(tok):
     assert _segments(s.loss_mask) == [(1, n_tool), (0, len(obs)), (1, n_final)]
     assert s.response_ids[n_tool:n_tool + len(obs)] == obs
     assert len(s.response_ids) == len(s.rollout_logprobs) == len(s.loss_mask)
-    assert all(lp == -0.1 for lp, m in zip(s.rollout_logprobs, s.loss_mask) if m == 1)
-    assert all(lp == 0.0 for lp, m in zip(s.rollout_logprobs, s.loss_mask) if m == 0)
+    assert all(lp == -0.1 for lp, m in zip(s.rollout_logprobs, s.loss_mask, strict=True) if m == 1)
+    assert all(lp == 0.0 for lp, m in zip(s.rollout_logprobs, s.loss_mask, strict=True) if m == 0)
     assert s.num_turns == 2 and s.finish_reason == "stop"
     assert s.metadata["tool_statuses"] == ["ok"] and s.reward == 1.0
     assert "```\nCode execution result: 42\nThe answer is" in s.response_text

@@ -54,7 +54,7 @@ def _answer(ids=(5, 6, 7), lps=(-0.1, -2.0, -0.5), finish=None, version="v3"):
     return {"text": "abc", "output_ids": list(ids),
             "meta_info": {"id": "r1", "finish_reason": finish or {"type": "stop", "matched": 7},
                           "prompt_tokens": 4, "weight_version": version,
-                          "output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, ids)]}}
+                          "output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, ids, strict=True)]}}
 
 
 def test_parse_aligns_logprobs_with_output_ids():

@@ -65,7 +65,7 @@ def test_sglang_command_has_every_configured_flag():
                                             extra_args=["--chunked-prefill-size", "4096"]))
     cmd = sglang_server_command(cfg, "/models/qwen", 30005, index=1)
     assert cmd[:3] == ["/py", "-m", "sglang.launch_server"]
-    flags = dict(zip(cmd[3::1], cmd[4::1]))
+    flags = dict(zip(cmd[3::1], cmd[4::1], strict=False))  # pairwise: each item with the next
     assert flags["--model-path"] == "/models/qwen" and flags["--port"] == "30005"
     assert flags["--host"] == "127.0.0.1"
     assert flags["--tp-size"] == "2" and flags["--dp-size"] == "2" and flags["--base-gpu-id"] == "4"

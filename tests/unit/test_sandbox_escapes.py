@@ -41,7 +41,8 @@ def run(code: str, **kw):
 def test_disarming_the_hook_works_so_the_os_is_what_stops_the_rest():
     # Control: after DISARM the hook refuses nothing (fork, sockets, writes outside the work dir all
     # pass it), so every refusal in the tests below comes from the OS isolation.
-    res = run("pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint('child rc', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+    res = run("pid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
+              "print('child rc', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
               "import socket\nsocket.socket().close()\nprint('socket made')\n"
               "open('/tmp/outside-work-dir', 'w').write('x')\nprint('tmp written')\n")
     assert res.status == "ok" and "child rc 7" in res.stdout, res
@@ -260,7 +261,8 @@ def test_the_runtime_is_read_only():
 
 
 def test_work_dir_is_size_capped():
-    res = run("try:\n    for i in range(64):\n        open(f'f{i}', 'wb').write(b'x' * (512 << 10))\n    print('WROTE')\n"
+    res = run("try:\n    for i in range(64):\n        open(f'f{i}', 'wb').write(b'x' * (512 << 10))\n"
+              "    print('WROTE')\n"
               "except OSError as e:\n    print('DENIED', e.errno)\n", disk_mb=4)
     assert res.status == "ok", res
     assert "DENIED 28" in res.stdout  # ENOSPC

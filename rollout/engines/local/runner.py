@@ -219,7 +219,7 @@ class LocalModel:
             r.logprobs.append(float(logp[tok]))
             if r.top_logprobs_num > 0:
                 v, ix = torch.topk(logp, min(r.top_logprobs_num, logp.shape[-1]))
-                r.top_logprobs.append([[float(a), int(b), None] for a, b in zip(v, ix)])
+                r.top_logprobs.append([[float(a), int(b), None] for a, b in zip(v, ix, strict=True)])
         return tok
 
     def _append(self, r: Request, tok: int) -> None:
@@ -247,7 +247,7 @@ class LocalModel:
             return self._prefill(reqs, [(0, None)] * len(reqs))
         seqs = [tuple(r.input_ids + r.output_ids) for r in reqs]
         first, rest, seen = [], [], set()
-        for r, seq in zip(reqs, seqs):
+        for r, seq in zip(reqs, seqs, strict=True):
             (rest if seq in seen else first).append(r)
             seen.add(seq)
         batch = self._prefill(first, [self._match(r) for r in first])
@@ -267,12 +267,12 @@ class LocalModel:
         [pad, cached L_i, pad, new S_i] with the padding masked, so every row ends at the last column."""
         seqs = [r.input_ids + r.output_ids for r in reqs]
         cached = [n for n, _ in hits]
-        news = [len(q) - n for q, n in zip(seqs, cached)]
+        news = [len(q) - n for q, n in zip(seqs, cached, strict=True)]
         P, S = max(cached), max(news)
         ids = torch.zeros(len(reqs), S, dtype=torch.long)
         mask = torch.zeros(len(reqs), P + S, dtype=torch.long)
         pos = torch.zeros(len(reqs), S, dtype=torch.long)
-        for i, (q, n, s) in enumerate(zip(seqs, cached, news)):
+        for i, (q, n, s) in enumerate(zip(seqs, cached, news, strict=True)):
             ids[i, S - s:] = torch.tensor(q[n:])
             mask[i, P - n:P] = 1
             mask[i, P + S - s:] = 1
@@ -285,13 +285,13 @@ class LocalModel:
         if want_input:
             self._input_logprobs(logits, reqs, cached, news, S)
         if self.prefix_cache is not None:
-            for i, (q, s) in enumerate(zip(seqs, news)):
+            for i, (q, s) in enumerate(zip(seqs, news, strict=True)):
                 kv = [(torch.cat([layer.keys[i:i + 1, :, P - cached[i]:P], layer.keys[i:i + 1, :, P + S - s:]], 2),
                        torch.cat([layer.values[i:i + 1, :, P - cached[i]:P], layer.values[i:i + 1, :, P + S - s:]], 2))
                       for layer in cache.layers]
                 self.prefix_cache.insert(q, kv, self.weights_epoch)
         toks = self._sample(logits[:, -1], reqs)
-        for r, t, n in zip(reqs, toks, cached):
+        for r, t, n in zip(reqs, toks, cached, strict=True):
             if not r.output_ids:
                 r.cached_tokens = n
             if r.finish is not None:  # the sampler failed on this row: it leaves alone
@@ -336,7 +336,7 @@ class LocalModel:
         b.mask = torch.cat([b.mask, torch.ones(len(b), 1, dtype=b.mask.dtype)], dim=1)
         logits = self._forward(b.pending[:, None], b.mask, b.pos[:, None], b.cache)
         toks = self._sample(logits[:, -1], b.reqs)
-        for r, t in zip(b.reqs, toks):
+        for r, t in zip(b.reqs, toks, strict=True):
             if r.finish is None:
                 self._append(r, t)
         b.pos = b.pos + 1
@@ -358,7 +358,7 @@ class LocalModel:
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
         data = [(torch.cat([lpad(la.keys, 2), lpad(lb.keys, 2)]), torch.cat([lpad(la.values, 2), lpad(lb.values, 2)]))
-                for la, lb in zip(a.cache.layers, b.cache.layers)]
+                for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)]
         return Batch(a.reqs + b.reqs, self._cache_cls(ddp_cache_data=data),
                      torch.cat([lpad(a.mask, 1), lpad(b.mask, 1)]),
                      torch.cat([a.pos, b.pos]), torch.cat([a.pending, b.pending]))

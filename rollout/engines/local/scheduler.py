@@ -170,7 +170,8 @@ class Scheduler:
         self._abort_rids.clear()
 
     def _runnable(self) -> bool:
-        return not self._paused and not self._exclusive and (bool(self._queue) and not self._draining or self._batch is not None)
+        return not self._paused and not self._exclusive and (bool(self._queue) and not self._draining
+                                                             or self._batch is not None)
 
     def _loop(self) -> None:
         while True:

@@ -170,8 +170,8 @@ class LocalEngine:
             "e2e_latency": time.time() - t0,
         }
         if r.return_logprob:
-            meta["output_token_logprobs"] = self._tokens([[lp, t, None] for lp, t in zip(r.logprobs, r.output_ids)],
-                                                         text_in_logprobs)
+            meta["output_token_logprobs"] = self._tokens(
+                [[lp, t, None] for lp, t in zip(r.logprobs, r.output_ids, strict=True)], text_in_logprobs)
             meta["input_token_logprobs"] = self._tokens(r.input_logprobs, text_in_logprobs)
             meta["output_top_logprobs"] = ([self._tokens(row, text_in_logprobs) for row in r.top_logprobs]
                                            if r.top_logprobs_num else None)

@@ -134,12 +134,13 @@ class WeightSync:
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         with self._lock:
             if body.get("load_format") == FLATTENED:
-                size = sum(int(torch.Size(s).numel()) * to_dtype(d).itemsize for d, s in zip(dtypes, shapes))
+                size = sum(int(torch.Size(s).numel()) * to_dtype(d).itemsize
+                           for d, s in zip(dtypes, shapes, strict=True))
                 flat = torch.empty(size, dtype=torch.uint8)
                 group.broadcast(flat)
                 return {n: t.clone() for n, t in unflatten_bucket(flat, names, dtypes, shapes)}
             out = {}
-            for name, dt, shape in zip(names, dtypes, shapes):
+            for name, dt, shape in zip(names, dtypes, shapes, strict=True):
                 t = torch.empty(shape, dtype=to_dtype(dt))
                 group.broadcast(t)
                 out[name] = t
