@@ -280,6 +280,10 @@ class LoggingConfig:
     """Terminal line every N steps."""
     histograms: bool = True
     """Log-ratio and sigma histograms."""
+    raw_samples: bool = False
+    """Also write every histogram metric's values (e.g. each token's log pi/mu of the step, up to the
+    metrics' 4096-value subsample) to <run dir>/hist_samples.jsonl, one line per step, for exact
+    quantiles pooled over steps and runs (tools/staleness_study.py)."""
     mismatch_metrics: bool = True
     """Log mismatch/* (unperturbed pi_theta_old vs the rollout policy mu at the start of each step).
     Where the objective does not recompute pi_old this costs one extra no-grad forward per step;

@@ -9,6 +9,7 @@ The terminal gets one line per step.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -41,7 +42,8 @@ class Monitor:
 
 
 class TensorBoardMonitor(Monitor):
-    def __init__(self, log_dir: str, log_interval: int = 1, histograms: bool = True):
+    def __init__(self, log_dir: str, log_interval: int = 1, histograms: bool = True,
+                 samples_path: Optional[str] = None):
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(log_dir, exist_ok=True)
@@ -49,6 +51,7 @@ class TensorBoardMonitor(Monitor):
         self.writer = SummaryWriter(log_dir=log_dir)
         self.log_interval = max(1, log_interval)
         self.histograms = histograms
+        self.samples_path = samples_path  # logging.raw_samples: the histograms' values, unbucketed
         self._layout_written = False
 
     def log(self, metrics: Dict[str, object], step: int, terminal: bool = True) -> None:
@@ -62,6 +65,8 @@ class TensorBoardMonitor(Monitor):
             self.writer.add_custom_scalars(layout_for(
                 k for k, v in metrics.items() if not isinstance(v, (list, tuple)) and not k.endswith("_hist")))
             self._layout_written = True
+        if self.samples_path:
+            self._write_samples(metrics, step)
 
         for name, value in sorted(metrics.items()):
             if isinstance(value, (list, tuple)) or name.endswith("_hist"):
@@ -79,6 +84,18 @@ class TensorBoardMonitor(Monitor):
         self.writer.flush()
         if terminal and step % self.log_interval == 0:
             logger.info(terminal_line(metrics, step))
+
+    def _write_samples(self, metrics: Dict[str, object], step: int) -> None:
+        """One JSON line per step: every histogram metric's finite values as logged (TensorBoard keeps
+        only bucket counts), so statistics pooled over steps and runs can be computed exactly."""
+        rows = {}
+        for name, value in metrics.items():
+            if isinstance(value, (list, tuple)) or name.endswith("_hist"):
+                vals = [float(x) for x in value]
+                rows[name] = [x for x in vals if math.isfinite(x)]
+        if rows:
+            with open(self.samples_path, "a") as f:
+                f.write(json.dumps({"step": step, **rows}) + "\n")
 
     def text(self, tag: str, value: str, step: int = 0) -> None:
         self.writer.add_text(tag, value, step)
@@ -101,7 +118,9 @@ def make_monitor(cfg, run_dir: str, rank: int) -> Monitor:
     """The writer on global rank 0 (when TensorBoard is on), a no-op elsewhere."""
     if rank != 0 or not cfg.logging.tensorboard:
         return Monitor()
-    mon = TensorBoardMonitor(os.path.join(run_dir, "tensorboard"), cfg.logging.log_interval, cfg.logging.histograms)
+    samples = os.path.join(run_dir, "hist_samples.jsonl") if cfg.logging.raw_samples else None
+    mon = TensorBoardMonitor(os.path.join(run_dir, "tensorboard"), cfg.logging.log_interval, cfg.logging.histograms,
+                             samples)
     return mon
 
 

@@ -10,12 +10,14 @@ from rollout.engines.start import make_fleet, start_engines
 from rollout.fleet import FleetExhausted
 from rollout.tiny_model import make_tiny_model
 
-N_REQUESTS, N_TOKENS = 16, 1000
+# 400 tokens: every request decodes for far longer than the 0.05 s poll after which the victim is killed (the
+# test asserts none had finished); the survivor then decodes its own and the victim's requests to the end.
+N_REQUESTS, N_TOKENS = 16, 400
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    model = make_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=3, max_position_embeddings=1100)
+    model = make_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=3, max_position_embeddings=500)
     cfg = RolloutConfig(engine="local", precision="fp32", num_engines=2, base_port=0, model_path=model,
                         startup_timeout_s=180, local=LocalEngineConfig(max_batch_size=8, batch_wait_ms=10),
                         client=ClientConfig(max_retries=1, retry_backoff_s=0.05, request_timeout_s=300))

@@ -5,6 +5,7 @@ teardown.
 """
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -122,19 +123,36 @@ def test_bad_requests_are_refused(engine):
     asyncio.run(main())
 
 
+async def _engine_state(c, until, timeout_s: float = 60.0):
+    """Poll the engine's scheduler state (/get_server_info ``internal_states[0]``: the local engine's
+    ``queued``/``running``/``paused`` and counters) until ``until(state)``, with a deadline. SGLang
+    0.5.23 shows no queue there (a request sent while paused waits in its tokenizer manager, where
+    no route sees it), so this observable is the local engine's own."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = (await c.server_info())["internal_states"][0]
+        if until(state):
+            return state
+        assert time.monotonic() < deadline, f"engine state never matched: {state}"
+        await asyncio.sleep(0.02)
+
+
 def test_pause_continue_and_abort(engine):
     async def main():
         async with client(engine) as c:
             await c.pause_generation("in_place")
             held = asyncio.ensure_future(c.generate([3, 4], sampling_params(max_new_tokens=4)))
-            await asyncio.sleep(0.5)
-            assert not held.done()  # held while paused
+            # held while paused: the request reached the engine's queue and nothing runs it
+            state = await _engine_state(c, lambda s: s["queued"] == 1)
+            assert state["paused"] and state["running"] == 0 and not held.done()
             await c.continue_generation()
             out = await held
             assert out.finish_reason in ("length", "stop")
+            before = (await _engine_state(c, lambda s: s["queued"] == s["running"] == 0))["generated_tokens"]
             long = asyncio.ensure_future(c.generate([3, 4], sampling_params(max_new_tokens=3000, ignore_eos=True),
                                                     rid="to-abort"))
-            await asyncio.sleep(0.3)
+            # aborted while it runs: once it is in the batch with at least one generated token
+            await _engine_state(c, lambda s: s["running"] == 1 and s["generated_tokens"] > before)
             await c.abort("to-abort")
             return await long
 

@@ -1,8 +1,10 @@
-"""End-to-end RL runs on CPU: torchrun trainer + local rollout engine + disk bus + TensorBoard.
+"""End-to-end RL runs on CPU: the trainer (torchrun for 2 processes) + local rollout engine + disk bus + TensorBoard.
 
-Each run is 2-4 steps of the tiny copy task. Checked per run: rewards and metrics reach
+Each run is 1-3 steps of the tiny copy task. Checked per run: rewards and metrics reach
 TensorBoard, the bus version advanced to the number of steps, sigma moved when learnable. Plus:
-a run stopped after 2 steps and resumed reproduces the uninterrupted run's later metrics.
+a run stopped after 1 step and resumed reproduces the uninterrupted run's 2 later steps.
+Single-process runs start ``python -m megatron_alp.train`` directly (as a SLURM or a user's
+one-process run does): torchrun's agent would add a Python+torch start-up to each of them.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ pytestmark = pytest.mark.slow  # torchrun trainer runs (make test still runs the
 
 @pytest.fixture(scope="module")
 def assets(tiny_assets):
-    return tiny_assets  # tests/integration/conftest.py: built once for every end-to-end test
+    return tiny_assets  # tests/conftest.py: built once for every end-to-end test
 
 
 def _train(assets, out, name, nproc, *overrides, steps=3):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_alp.train", "--config", CONFIG,
+    head = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*head, "-m", "megatron_alp.train", "--config", CONFIG,
            f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
            f"rollout.data.path={assets['data']}", f"run.output_root={out}", f"run.name={name}",
            f"bus.dir={os.path.join(out, name, 'bus')}", f"run.steps={steps}", "run.prompts_per_step=8",
@@ -100,16 +103,16 @@ def _steps(run_dir, tag):
 
 def test_drpo_pp2_alp_off(assets, tmp_path):
     run = _train(assets, str(tmp_path), "drpo_pp2", 2, "parallel.tp=1", "parallel.pp=2", "alp.enabled=false",
-                 "algorithm.objective=drpo", "algorithm.delta=12.5", "logging.mismatch_metrics=false")
-    scal, _ = _common_checks(run, 3, mismatch=False)
+                 "algorithm.objective=drpo", "algorithm.delta=12.5", "logging.mismatch_metrics=false", steps=2)
+    scal, _ = _common_checks(run, 2, mismatch=False)
     assert "drpo/w_mean" in scal and "alp/sigma_mean" not in scal
 
 
 def test_mis_dp2(assets, tmp_path):
     run = _train(assets, str(tmp_path), "mis_dp2", 2, "parallel.tp=1", "alp.enabled=false",
                  "algorithm.objective=mis_token", "algorithm.is_high=2.0", "algorithm.dual_clip=3.0",
-                 "algorithm.recompute_old_logp=true")
-    scal, _ = _common_checks(run, 3)
+                 "algorithm.recompute_old_logp=true", steps=2)
+    scal, _ = _common_checks(run, 2)
     assert "ratio/is_masked_frac" in scal
     # pi_old was recomputed: the mismatch metrics compare it with the FP8 rollout.
     assert scal["mismatch/k3"][0] > 0
@@ -121,11 +124,11 @@ def test_mis_dp2(assets, tmp_path):
 ])
 def test_resume_reproduces_uninterrupted_run(assets, tmp_path, packing):
     opts = ["parallel.tp=1"] + (["run.max_tokens_per_micro_batch=48"] if packing else [])
-    full = _train(assets, str(tmp_path / "a"), "run", 1, *opts, steps=4)
-    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=2)
-    # Same command with more steps: resumes from <run>/checkpoints/latest (step 2, bus version 2).
-    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=4)
-    _assert_same_scalars(full, part, resumed_at=2)
+    full = _train(assets, str(tmp_path / "a"), "run", 1, *opts, steps=3)
+    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=1)
+    # Same command with more steps: resumes from <run>/checkpoints/latest (step 1, bus version 1).
+    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=3)
+    _assert_same_scalars(full, part, resumed_at=1)
 
 
 def test_packed_alp_dp2(assets, tmp_path):
@@ -156,18 +159,18 @@ def _assert_same_scalars(full, part, resumed_at: int):
 @pytest.mark.slow
 def test_async_rollout_bound_and_resume(assets, tmp_path):
     """max_staleness = 1: every trained sample's version is within 1 of its step, every group is
-    whole and from one version, and a run stopped after 2 steps and resumed trains exactly the
-    uninterrupted run's prompts, each once."""
+    whole and from one version, and a run stopped after 1 step and resumed (the prompts drawn ahead
+    are drawn and generated again) trains exactly the uninterrupted run's prompts, each once."""
     from megatron_alp.trainer.group_log import read_group_log
 
     opts = ("parallel.tp=1", "rollout.max_staleness=1", "checkpoint.save_interval=1")
-    full = _train(assets, str(tmp_path / "a"), "run", 1, *opts, steps=4)
-    _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=2)
-    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=4)
+    full = _train(assets, str(tmp_path / "a"), "run", 1, *opts, steps=3)
+    _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=1)
+    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=3)
     runs = {}
     for name, run in (("full", full), ("resumed", part)):
         log = read_group_log(os.path.join(run, "rollout", "trained_groups.jsonl"))
-        assert sorted(log) == [0, 1, 2, 3], name
+        assert sorted(log) == [0, 1, 2], name
         for step, groups in log.items():
             assert [g["group_id"] for g in groups] == list(range(8)), (name, step)
             for g in groups:
@@ -177,7 +180,7 @@ def test_async_rollout_bound_and_resume(assets, tmp_path):
         runs[name] = [(s, g["group_id"], g["prompt_index"]) for s, gs in log.items() for g in gs]
         scal, hists = _scalars(run)
         assert "rollout/staleness_hist" in hists
-        assert max(scal["rollout/staleness_max"]) <= 1 and scal["rollout/stale_regenerated_groups"] == [0.0] * 4
+        assert max(scal["rollout/staleness_max"]) <= 1 and scal["rollout/stale_regenerated_groups"] == [0.0] * 3
     assert runs["resumed"] == runs["full"]
 
 

@@ -28,5 +28,6 @@ def slurm():
 
 @pytest.fixture(scope="session")
 def job_root(tmp_path_factory) -> Path:
-    """Run folders of the test jobs; the tiny assets are made once, by the first job, in assets/."""
+    """Run folders of the test jobs (test_sbatch.py's jobs train on the session's tiny assets;
+    test_scale.py's first job makes its own in assets/)."""
     return tmp_path_factory.mktemp("slurm-jobs")

@@ -95,3 +95,26 @@ def test_custom_scalars_layout_is_written_and_names_only_logged_series(tmp_path)
     acc.Reload()
     assert missing_series(layout, acc.Tags()["scalars"]) == []
     assert missing_series(layout, [t for t in acc.Tags()["scalars"] if t != "ratio/seq_max"]) == ["ratio/seq_max"]
+
+
+def test_raw_samples_keep_every_histogram_value_per_step(tmp_path):
+    """logging.raw_samples: each step's histogram values, unbucketed and finite, one JSON line per step."""
+    import json
+
+    import torch
+
+    path = tmp_path / "hist_samples.jsonl"
+    mon = TensorBoardMonitor(str(tmp_path / "tb"), histograms=True, samples_path=str(path))
+    mon.log({"rollout/reward_mean": 0.5, "ratio/log_ratio_token_hist": [0.125, -0.5, float("nan"), 3.0],
+             "rollout/staleness_hist": torch.tensor([0.0, 2.0])}, 0)
+    mon.log({"rollout/reward_mean": 0.7}, 1)  # no histogram: no line
+    mon.log({"ratio/log_ratio_token_hist": [1.0]}, 2)
+    mon.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines == [{"step": 0, "ratio/log_ratio_token_hist": [0.125, -0.5, 3.0],
+                      "rollout/staleness_hist": [0.0, 2.0]},
+                     {"step": 2, "ratio/log_ratio_token_hist": [1.0]}]
+    mon = TensorBoardMonitor(str(tmp_path / "tb2"), histograms=True)  # off by default: no file
+    mon.log({"ratio/log_ratio_token_hist": [1.0]}, 0)
+    mon.close()
+    assert not (tmp_path / "tb2" / "hist_samples.jsonl").exists() and len(lines) == 2
