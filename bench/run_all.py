@@ -15,7 +15,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHES = ("alp_overhead", "logprob", "rollout", "prefix_cache", "convert", "bus", "step", "step_async", "pack")
+BENCHES = ("alp_overhead", "logprob", "rollout", "prefix_cache", "convert", "bus", "step", "step_async", "pack", "peer")
 
 
 def main(argv=None) -> int:

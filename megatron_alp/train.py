@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .runtime.distributed import handover_group
 from .sync.weight_sync import CommitFailed, WeightSync
-from .trainer.batching import dp_balanced_shard, mini_batches, split_rows
+from .trainer.batching import dp_balanced_shard
 from .trainer.checkpoint import Checkpointer, CheckpointError
 from .trainer.evaluation import Evaluator
 from .trainer.guard import NonFiniteGuard
@@ -28,6 +28,7 @@ from .trainer.monitor import make_monitor, tensorboard_hint
 from .trainer.preempt import Abort, RolloutFailure, TrainingStopped, rollout_or_abort
 from .trainer.setup import StopFlag, load_and_check, setup
 from .trainer.step_metrics import StepClock, step_metrics
+from .trainer.updates import run_updates
 
 logger = logging.getLogger("megatron_alp.train")
 
@@ -70,15 +71,10 @@ def train(cfg) -> Dict[str, float]:
             batch, rollout_metrics = payload
             local, sizes = _shard(cfg, trainer, batch)
             with clock.phase("train"):
-                # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch), reference.
-                _no_grad_forwards(cfg, trainer, local)
+                # 2. unperturbed no-grad forwards: pi_old (decoupled objectives, mismatch; fused into
+                # the first update where it is unperturbed: run.fuse_old_logp), reference.
                 # 3. mini-batch updates: staleness grows with each one; token metrics over all of them.
-                n_mini, record = cfg.run.mini_batches_per_step, []
-                minis = split_rows(local, sizes) if sizes else mini_batches(local, n_mini)
-                per_update = [trainer.actor.train_step(mb, step=step * n_mini + k, record=record)
-                              for k, mb in enumerate(minis)]
-                step_level = trainer.actor.step_metrics(record)
-                del record
+                per_update, step_level = run_updates(cfg, trainer, local, sizes, step)
             guard.update(per_update)
             # 4. publish the new weights (version = number of completed steps) and commit them.
             version = step + 1
@@ -134,18 +130,6 @@ def _start_driver(cfg, run_dir: str, engine_path: str, engine_version, state, mo
     with open(f"{run_dir}/config.yaml") as f:  # written redacted by setup()
         monitor.text("config", f"```\n{f.read()}\n```")
     return driver
-
-
-def _no_grad_forwards(cfg, trainer, local) -> None:
-    """pi_old (decoupled objectives), the reference (KL) and, for mismatch/*, the unperturbed
-    pi_theta_old at the step's start (never ALP's noise; the same forward as pi_old when recomputed)."""
-    if cfg.algorithm.recompute_old_logp:
-        local.old_logp = trainer.actor.compute_logprobs(local)
-    if trainer.ref_actor is not None:
-        local.ref_logp = trainer.ref_actor.compute_logprobs(local)
-    if cfg.logging.mismatch_metrics:
-        recomputed = cfg.algorithm.recompute_old_logp
-        local.base_logp = local.old_logp if recomputed else trainer.actor.compute_logprobs(local)
 
 
 def _from_rank0(obj, group=None):

@@ -309,6 +309,11 @@ class RunConfig:
     max_tokens_per_micro_batch: int = 0
     """Sequence packing (docs/trainer.md): > 0 = samples packed end to end into micro-batches of at
     most this many tokens (micro_batch_size is then unused); 0 = padded micro-batches."""
+    fuse_old_logp: bool = True
+    """Where the first update's forward is unperturbed (ALP off), its detached log-probs serve as
+    pi_old (and the mismatch metrics' pi_theta_old) for the first mini-batch's rows, and the
+    no-grad pass covers only the other mini-batches (none with one optimizer step per rollout):
+    exact, the weights are pi_old's at that step (trainer/updates.py). false: the separate pass."""
     max_nonfinite_steps: int = 3
     """Consecutive non-finite losses after which the run stops."""
     rollout_timeout_minutes: float = 180.0

@@ -27,35 +27,60 @@ def _counted_once(p: torch.Tensor, tp_rank: int) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
 
 
-def grad_norm(params: Iterable[torch.Tensor], model_parallel_group=None) -> float:
-    """The global L2 norm of the gradients of ``params`` (this rank's model chunk)."""
+def grad_norm(params: Iterable[torch.Tensor], model_parallel_group=None, count_nonfinite: bool = False):
+    """The global L2 norm of the gradients of ``params`` (this rank's model chunk); with
+    ``count_nonfinite`` also whether any gradient of ``params`` on the model-parallel group holds
+    a NaN/inf (every one checked, replicated copies included), in the same all-reduce."""
     from megatron.core import parallel_state as ps
 
+    params = list(params)
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros(2 if count_nonfinite else 1, dtype=torch.float64)
     for p in params:
         g = _grad(p)
         if g is not None and _counted_once(p, tp_rank):
-            total += g.detach().double().pow(2).sum()
+            total[0] += g.detach().double().pow(2).sum()
+    if count_nonfinite:
+        total[1] = float(_nonfinite(params))
     group = model_parallel_group
     if group is None and ps.model_parallel_is_initialized():
         group = ps.get_model_parallel_group()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(total, group=group)
-    return math.sqrt(total.item())
+    norm = math.sqrt(total[0].item())
+    return (norm, bool(total[1].item() > 0)) if count_nonfinite else norm
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, model_parallel_group=None) -> float:
+def _nonfinite(params: List[torch.Tensor]) -> bool:
+    """Any NaN/inf among these gradients, with the kernel Megatron's grad scaler uses (no temporary
+    the size of the gradients; runtime/device.grads_nonfinite)."""
+    by_device = {}
+    for p in params:
+        g = _grad(p)
+        if g is not None:
+            by_device.setdefault(g.device, []).append(g)
+    found = False
+    for dev, grads in by_device.items():
+        f = torch.zeros(1, dtype=torch.float32, device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, f, torch.ones(1, dtype=torch.float32, device=dev))
+        found = found or bool(f.item() > 0)
+    return found
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, model_parallel_group=None,
+                   count_nonfinite: bool = False):
     """Scale gradients in place so their global norm is at most ``max_norm``; return the norm
     before clipping (``inf``/``nan`` norms are returned untouched, for the caller to skip the step).
-    """
+    ``count_nonfinite``: return (norm, any NaN/inf gradient on the model-parallel group) instead,
+    nothing scaled when there is one."""
     params: List[torch.Tensor] = list(params)
-    norm = grad_norm(params, model_parallel_group)
-    if max_norm > 0 and math.isfinite(norm):
+    norm, bad = grad_norm(params, model_parallel_group, count_nonfinite=True) if count_nonfinite else \
+        (grad_norm(params, model_parallel_group), False)
+    if max_norm > 0 and math.isfinite(norm) and not bad:
         coeff = max_norm / (norm + 1e-6)
         if coeff < 1.0:
             for p in params:
                 g = _grad(p)
                 if g is not None:
                     g.mul_(coeff)
-    return norm
+    return (norm, bad) if count_nonfinite else norm

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,7 +71,7 @@ class Actor:
         if self.max_tokens > 0:
             dp = self.ps.get_data_parallel_group()
             count = collective_tensor([packs_needed(batch, self.max_tokens)], dtype=torch.int64, group=dp)
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp)
+            _dp_all_reduce(count, dp, op=dist.ReduceOp.MAX)
             return make_packs(batch, self.max_tokens, int(count), pad_multiple=self.pad_multiple)
         mbs = self.micro_batch_size
         return [batch.select(slice(i, i + mbs)) for i in range(0, len(batch), mbs)]
@@ -157,14 +157,22 @@ class Actor:
         m = effective_mask(self.algo.objective, batch.loss_mask, batch.rollout_logp, batch.rollout_logp,
                            batch.advantages, batch.old_logp)
         n = normalizer_count(m, self.algo.aggregation)
-        dist.all_reduce(n, group=self.ps.get_data_parallel_group())
+        _dp_all_reduce(n, self.ps.get_data_parallel_group())
         return n
 
-    def train_step(self, batch: RLBatch, step: int, record: Optional[List[dict]] = None) -> Dict[str, float]:
+    def train_step(self, batch: RLBatch, step: int, record: Optional[List[dict]] = None,
+                   fill_from_forward: Sequence[str] = ()) -> Dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; returns this update's scalars
         (loss, gradient norm, learning rates, skip flags). On the last pipeline stage the detached
         per-token tensors of the update are appended to ``record`` (when given) for
-        :meth:`step_metrics`, which computes the token metrics once over all updates of the step."""
+        :meth:`step_metrics`, which computes the token metrics once over all updates of the step.
+
+        ``fill_from_forward`` (``old_logp``, ``base_logp``): batch fields set to this forward's
+        detached log-probs before the loss uses them, instead of a separate no-grad pass
+        (trainer/updates.py: only for the first update of a rollout, unperturbed, where the
+        weights are pi_old's)."""
+        if fill_from_forward and self.perturb:
+            raise ValueError("the perturbed (ALP) forward cannot stand in for pi_old's unperturbed log-probs")
         algo = self.algo
         batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         micro = self._micro_batches(batch)
@@ -180,6 +188,8 @@ class Actor:
             if packed is not None:  # per-token values back to the samples' rows (trainer/packing.py)
                 lp, ent = packed.unpack(lp), (packed.unpack(ent) if ent is not None else None)
                 mb = packed.rows
+            for name in fill_from_forward:  # pi_old = this forward's weights (first update, no noise)
+                setattr(mb, name, lp.detach())
             per_tok = token_losses(algo.objective, lp, mb.rollout_logp, mb.advantages, mb.loss_mask,
                                    old_logp=mb.old_logp, **self.hparams)
             loss = aggregate(per_tok, mb.loss_mask, algo.aggregation, horizon=algo.horizon, normalizer=normalizer)
@@ -223,7 +233,7 @@ class Actor:
         metrics["perf/micro_batches"] = float(len(micro))
         if self.is_last_stage and stash:
             total = loss_sum.clone().to(torch.float64)
-            dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+            _dp_all_reduce(total, self.ps.get_data_parallel_group())
             metrics["train/loss"] = float(total)
         return metrics
 
@@ -261,6 +271,12 @@ class Actor:
             base_logp=mb_cat("base_logp"), advantages=torch.cat([mb.advantages for mb in mbs]),
             entropy=cat([e for r in record for e in r["ent"]]), dppo_delta=self.algo.dppo_delta, group=dp, **hp,
         )
+
+
+def _dp_all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    """In-place all-reduce over the data-parallel group; nothing to do (no call) when it has one rank."""
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
 
 
 def _token_codes(mb) -> torch.Tensor:

@@ -117,6 +117,21 @@ class Optimizer:
         Without a grad scaler (fp32, bf16) Megatron does not look for NaN/inf: a NaN norm passes its
         clip check and Adam writes NaN into every weight, so we check first, on CPU and GPU alike.
         With one (fp16) Megatron checks, skips, backs the scale off and returns a None norm."""
+        if not self.on_gpu and not self.has_scaler:
+            # CPU (fp32): one model-parallel all-reduce gives the norm and the NaN/inf
+            # check (data-parallel ranks hold identical reduced gradients: the same answer on every
+            # rank); Megatron's step would all-reduce a norm of its own that nothing uses (its clip
+            # is off here), so its two halves are called directly (MegatronOptimizer.step minus that).
+            params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
+            norm, bad = clip_grad_norm(params, self.clip, count_nonfinite=True)
+            if bad:
+                return False, math.nan
+            if not math.isfinite(norm):
+                return False, norm
+            ok = not self.megatron.prepare_grads() and self.megatron.step_with_ready_grads()
+            if ok:
+                self.scheduler.step(1)
+            return ok, norm
         if not self.has_scaler and grads_nonfinite(self.chunks):
             return False, math.nan
         if not self.on_gpu:

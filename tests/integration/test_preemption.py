@@ -41,7 +41,8 @@ def _cmd(assets, out, nproc, reward, steps):
     return head + ["--config", CONFIG, f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
                    f"rollout.data.path={assets['data']}", f"run.output_root={out}", "run.name=run",
                    f"bus.dir={os.path.join(out, 'run', 'bus')}", f"run.steps={steps}", "run.prompts_per_step=4",
-                   "run.micro_batch_size=8", "run.mini_batches_per_step=1", "parallel.tp=1",
+                   "run.micro_batch_size=8", "run.mini_batches_per_step=1", "run.max_tokens_per_micro_batch=0",
+                   "parallel.tp=1",
                    "logging.tensorboard=false", f"rollout.reward=tests.integration.fault_rewards:{reward}"]
 
 

@@ -34,7 +34,7 @@ def _train(assets, out, name, nproc, *overrides, steps=3):
            f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
            f"rollout.data.path={assets['data']}", f"run.output_root={out}", f"run.name={name}",
            f"bus.dir={os.path.join(out, name, 'bus')}", f"run.steps={steps}", "run.prompts_per_step=8",
-           "run.micro_batch_size=4", "run.mini_batches_per_step=2", *overrides]
+           "run.micro_batch_size=4", "run.mini_batches_per_step=2", "run.max_tokens_per_micro_batch=0", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -182,3 +182,19 @@ def test_async_rollout_bound_and_resume(assets, tmp_path):
         assert "rollout/staleness_hist" in hists
         assert max(scal["rollout/staleness_max"]) <= 1 and scal["rollout/stale_regenerated_groups"] == [0.0] * 3
     assert runs["resumed"] == runs["full"]
+
+
+@pytest.mark.slow
+def test_fused_old_logp_leaves_the_run_unchanged(assets, tmp_path):
+    """pi_old from the first update's forward (run.fuse_old_logp, the default) instead of the
+    separate no-grad pass: every logged scalar of the loop (rewards, losses, ratios, mismatch/)
+    is the separate pass's, step after step (the sampled rollouts included)."""
+    opts = ("parallel.tp=1", "alp.enabled=false", "algorithm.objective=ppo", "algorithm.recompute_old_logp=true")
+    fused = _train(assets, str(tmp_path / "fused"), "run", 1, *opts, "run.fuse_old_logp=true")
+    separate = _train(assets, str(tmp_path / "separate"), "run", 1, *opts, "run.fuse_old_logp=false")
+    a, _ = _scalars(fused)
+    b, _ = _scalars(separate)
+    compared = sorted(k for k in a if not _timing(k))
+    assert sorted(k for k in b if not _timing(k)) == compared and "mismatch/k3" in compared
+    for key in compared:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
