@@ -28,7 +28,9 @@ demo: $(STAMP)
 # The lint first (seconds), then the suite; pytest prints the ten slowest tests (pyproject addopts).
 # Two pytest-xdist workers: most of the suite waits (engines starting, SLURM jobs, processes
 # joining worlds), so two workers overlap the waits on 2 cores. --dist loadscope keeps a module's
-# tests on one worker, so a module-scoped run (the e2e checks share trained runs) happens once.
+# tests on one worker, so its module-scoped fixtures (a SLURM cluster and its jobs, a converted
+# checkpoint) are built once; the longest end-to-end runs are split across modules for balance.
+# (Not --dist loadscope: with pytest 9.2 xdist 3.8's group suffix no longer reaches the node id.)
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
 	@start=$$(date +%s); \

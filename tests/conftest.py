@@ -33,3 +33,4 @@ def tiny_assets(tmp_path_factory):
         assets = build(root / "tiny_assets")
         record.write_text(json.dumps(assets))
         return assets
+

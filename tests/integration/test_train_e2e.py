@@ -118,19 +118,6 @@ def test_mis_dp2(assets, tmp_path):
     assert scal["mismatch/k3"][0] > 0
 
 
-@pytest.mark.parametrize("packing", [
-    pytest.param(False, id="padded"),
-    pytest.param(True, id="packed", marks=pytest.mark.slow),
-])
-def test_resume_reproduces_uninterrupted_run(assets, tmp_path, packing):
-    opts = ["parallel.tp=1"] + (["run.max_tokens_per_micro_batch=48"] if packing else [])
-    full = _train(assets, str(tmp_path / "a"), "run", 1, *opts, steps=3)
-    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=1)
-    # Same command with more steps: resumes from <run>/checkpoints/latest (step 1, bus version 1).
-    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=3)
-    _assert_same_scalars(full, part, resumed_at=1)
-
-
 def test_packed_alp_dp2(assets, tmp_path):
     """Packing with DP=2 (rows balanced by tokens) and ALP on, through the whole loop."""
     run = _train(assets, str(tmp_path), "packed_dp2", 2, "parallel.tp=1", "run.max_tokens_per_micro_batch=48",
@@ -154,47 +141,3 @@ def _assert_same_scalars(full, part, resumed_at: int):
     assert {"rollout/staleness_max", "rollout/staleness_mean", "train/bus_version", "alp/sigma_mean"} <= set(compared)
     for key in compared:
         assert a[key][resumed_at:] == pytest.approx(b[key][-(len(a[key]) - resumed_at):], rel=1e-6, abs=1e-9), key
-
-
-@pytest.mark.slow
-def test_async_rollout_bound_and_resume(assets, tmp_path):
-    """max_staleness = 1: every trained sample's version is within 1 of its step, every group is
-    whole and from one version, and a run stopped after 1 step and resumed (the prompts drawn ahead
-    are drawn and generated again) trains exactly the uninterrupted run's prompts, each once."""
-    from megatron_alp.trainer.group_log import read_group_log
-
-    opts = ("parallel.tp=1", "rollout.max_staleness=1", "checkpoint.save_interval=1")
-    full = _train(assets, str(tmp_path / "a"), "run", 1, *opts, steps=3)
-    _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=1)
-    part = _train(assets, str(tmp_path / "b"), "run", 1, *opts, steps=3)
-    runs = {}
-    for name, run in (("full", full), ("resumed", part)):
-        log = read_group_log(os.path.join(run, "rollout", "trained_groups.jsonl"))
-        assert sorted(log) == [0, 1, 2], name
-        for step, groups in log.items():
-            assert [g["group_id"] for g in groups] == list(range(8)), (name, step)
-            for g in groups:
-                versions = [int(v) for v in g["sample_versions"]]
-                assert len(versions) == 8 and len(set(versions)) == 1, (name, step, g)  # the config's n_samples
-                assert 0 <= step - g["version"] <= 1 and g["version"] == versions[0], (name, step, g)
-        runs[name] = [(s, g["group_id"], g["prompt_index"]) for s, gs in log.items() for g in gs]
-        scal, hists = _scalars(run)
-        assert "rollout/staleness_hist" in hists
-        assert max(scal["rollout/staleness_max"]) <= 1 and scal["rollout/stale_regenerated_groups"] == [0.0] * 3
-    assert runs["resumed"] == runs["full"]
-
-
-@pytest.mark.slow
-def test_fused_old_logp_leaves_the_run_unchanged(assets, tmp_path):
-    """pi_old from the first update's forward (run.fuse_old_logp, the default) instead of the
-    separate no-grad pass: every logged scalar of the loop (rewards, losses, ratios, mismatch/)
-    is the separate pass's, step after step (the sampled rollouts included)."""
-    opts = ("parallel.tp=1", "alp.enabled=false", "algorithm.objective=ppo", "algorithm.recompute_old_logp=true")
-    fused = _train(assets, str(tmp_path / "fused"), "run", 1, *opts, "run.fuse_old_logp=true")
-    separate = _train(assets, str(tmp_path / "separate"), "run", 1, *opts, "run.fuse_old_logp=false")
-    a, _ = _scalars(fused)
-    b, _ = _scalars(separate)
-    compared = sorted(k for k in a if not _timing(k))
-    assert sorted(k for k in b if not _timing(k)) == compared and "mismatch/k3" in compared
-    for key in compared:
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
