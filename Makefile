@@ -30,7 +30,7 @@ demo: $(STAMP)
 # joining worlds), so two workers overlap the waits on 2 cores. --dist loadscope keeps a module's
 # tests on one worker, so its module-scoped fixtures (a SLURM cluster and its jobs, a converted
 # checkpoint) are built once; the longest end-to-end runs are split across modules for balance.
-# (Not --dist loadscope: with pytest 9.2 xdist 3.8's group suffix no longer reaches the node id.)
+# (Not --dist loadgroup: with pytest 9.2 xdist 3.8's group suffix no longer reaches the node id.)
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
 	@start=$$(date +%s); \
