@@ -7,6 +7,7 @@ killed and reported instead of hanging CI.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import queue as queue_mod
@@ -16,6 +17,8 @@ import traceback
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch.multiprocessing as mp
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerError(RuntimeError):
@@ -84,6 +87,23 @@ def run_world(
     (usually through :func:`megatron_alp.runtime.distributed.init_distributed`). Returns the list of
     per-rank return values, ordered by rank.
     """
+    for attempt in range(1, _PORT_TRIES + 1):
+        try:
+            return _run_once(fn, world_size, args, timeout, env)
+        except WorkerError as e:
+            # MASTER_PORT was free when chosen, but another process (a parallel test, another
+            # world) bound it before rank 0's store did: the world never started; start it again.
+            if attempt == _PORT_TRIES or "address already in use" not in str(e).lower():
+                raise
+            logger.warning("world's MASTER_PORT was taken before rank 0 bound it (attempt %d of %d): "
+                           "starting the world again on a new port", attempt, _PORT_TRIES)
+    raise AssertionError("unreachable")
+
+
+_PORT_TRIES = 3
+
+
+def _run_once(fn, world_size, args, timeout, env):
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -236,3 +236,26 @@ def start_all(servers: List[ServerProcess], timeout_s: float) -> List[ServerProc
             s.stop(grace_s=5.0)
         raise
     return servers
+
+
+# What a server's log says when its port was taken (EADDRINUSE): aiohttp (the local engine),
+# uvicorn (SGLang) and http.server all print it.
+PORT_TAKEN = "address already in use"
+
+
+def start_on_free_ports(make_servers: Callable[[], List[ServerProcess]], timeout_s: float,
+                        tries: int = 3) -> List[ServerProcess]:
+    """:func:`start_all` for servers on ports chosen with :func:`free_port`. A port is free when it
+    is chosen, but another process (a second job on the node, a parallel test) can bind it before
+    the server does; when a server exits because its port was taken, ``make_servers()`` is called
+    again (new ports) and the servers start again, at most ``tries`` times in all."""
+    for attempt in range(1, tries + 1):
+        servers = make_servers()
+        try:
+            return start_all(servers, timeout_s)
+        except LaunchError as e:
+            if attempt == tries or PORT_TAKEN not in str(e).lower():
+                raise
+            logger.warning("a server's port was taken between choosing and binding it (attempt %d of %d): "
+                           "starting again on new ports", attempt, tries)
+    raise AssertionError("unreachable")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config import RolloutConfig
-from .processes import ServerProcess, free_port, redact, start_all
+from .processes import ServerProcess, free_port, redact, start_all, start_on_free_ports
 from .sglang import router_command, sglang_server_command
 
 logger = logging.getLogger(__name__)
@@ -68,19 +68,28 @@ def start_engines(cfg: RolloutConfig, model_path: Optional[str] = None,
     log_dir = log_dir or cfg.log_dir or tempfile.mkdtemp(prefix="rollout-engines-")
     os.makedirs(log_dir, exist_ok=True)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    servers, urls = [], []
-    for i in range(cfg.num_engines):
-        port = cfg.base_port + i if cfg.base_port else free_port(cfg.host)
-        if cfg.engine == "sglang":
-            cmd = sglang_server_command(cfg, model_path, port, index=i)
-        else:
-            cmd = local_engine_command(cfg, model_path, port, index=i)
-        url = f"http://{host}:{port}"
-        logger.info("launching %s engine %d: %s", cfg.engine, i, " ".join(redact(cmd)))
-        servers.append(ServerProcess(cmd, url, os.path.join(log_dir, f"engine-{i}.log"),
-                                     name=f"{cfg.engine}-engine-{i}", api_key=cfg.api_key))
-        urls.append(url)
-    start_all(servers, cfg.startup_timeout_s)
+    urls: List[str] = []
+
+    def make_servers() -> List[ServerProcess]:
+        servers = []
+        urls.clear()
+        for i in range(cfg.num_engines):
+            port = cfg.base_port + i if cfg.base_port else free_port(cfg.host)
+            if cfg.engine == "sglang":
+                cmd = sglang_server_command(cfg, model_path, port, index=i)
+            else:
+                cmd = local_engine_command(cfg, model_path, port, index=i)
+            url = f"http://{host}:{port}"
+            logger.info("launching %s engine %d: %s", cfg.engine, i, " ".join(redact(cmd)))
+            servers.append(ServerProcess(cmd, url, os.path.join(log_dir, f"engine-{i}.log"),
+                                         name=f"{cfg.engine}-engine-{i}", api_key=cfg.api_key))
+            urls.append(url)
+        return servers
+
+    if cfg.base_port:  # the user's ports: a taken one is an error to report, not to work around
+        servers = start_all(make_servers(), cfg.startup_timeout_s)
+    else:
+        servers = start_on_free_ports(make_servers, cfg.startup_timeout_s)
     router_url = cfg.sglang.router_url if cfg.engine == "sglang" else None  # local engines: no router
     launched = LaunchedEngines(servers=servers, urls=urls, router_url=router_url, log_dir=log_dir)
     if cfg.engine == "sglang" and cfg.sglang.router:

@@ -60,3 +60,29 @@ def test_workers_see_the_callers_current_environment(monkeypatch):
     monkeypatch.setenv("ALP_SPAWN_PROBE", "after-the-server-started")
     out = run_world(_env_probe, 2, timeout=120, env={"OMP_NUM_THREADS": "2"})
     assert out == [("after-the-server-started", "2", "0"), ("after-the-server-started", "2", "1")]
+
+
+def test_a_taken_master_port_starts_the_world_again(monkeypatch):
+    """MASTER_PORT is free when chosen; when another process binds it first, rank 0's store fails
+    with EADDRINUSE and the world starts again on a new port instead of failing the caller."""
+    import socket
+
+    from megatron_alp.runtime import spawn
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    taken_port = taken.getsockname()[1]
+    first, chosen = iter([taken_port]), []
+    real_free_port = spawn.free_port
+
+    def free_port():
+        chosen.append(next(first, None) or real_free_port())
+        return chosen[-1]
+
+    monkeypatch.setattr(spawn, "free_port", free_port)
+    try:
+        assert run_world(_sum_ranks, 2, timeout=120) == [(0, 2, 3.0), (1, 2, 3.0)]
+    finally:
+        taken.close()
+    assert len(chosen) == 2 and chosen[0] == taken_port != chosen[1]
