@@ -123,7 +123,10 @@ def bwrap_command(run_dir: str, child_argv: List[str], disk_mb: int, seccomp_fd:
     root launcher's staging copy); absent entries bind from their own path."""
     sources = sources or {}
     cmd = [bwrap_path(), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-           "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--clearenv"]
+           "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--clearenv",
+           # The private /tmp first: a runtime dir under the host's /tmp (a venv in a checkout
+           # there) is bound on top of it below, not hidden by it.
+           "--size", str(16 << 20), "--tmpfs", "/tmp"]
     for link in ("/lib", "/lib64", "/lib32", "/bin", "/sbin"):
         if os.path.islink(link):
             cmd += ["--symlink", os.readlink(link), link]
@@ -135,7 +138,7 @@ def bwrap_command(run_dir: str, child_argv: List[str], disk_mb: int, seccomp_fd:
         cmd += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     cmd += ["--ro-bind", sources.get(run_dir, run_dir), INSIDE_RUN, "--proc", "/proc", "--dev", "/dev",
             "--size", str(disk_mb << 20), "--perms", "0700", "--tmpfs", INSIDE_WORK,
-            "--size", str(16 << 20), "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", INSIDE_WORK]
+            "--remount-ro", "/", "--chdir", INSIDE_WORK]
     for key, value in (env or {}).items():
         cmd += ["--setenv", key, value]
     if seccomp_fd is not None:

@@ -221,3 +221,21 @@ def test_unisolated_fallback_refuses_root_unless_allowed(monkeypatch):
     with pytest.raises(RuntimeError, match="isolation=bwrap: bwrap is not installed"):
         Sandbox(SandboxConfig(isolation="bwrap", allow_unisolated_root=True))
     assert Sandbox(SandboxConfig(allow_unisolated_root=True)).isolated is False
+
+
+def test_an_interpreter_under_the_hosts_tmp_runs_in_bwrap(tmp_path):
+    """A venv under /tmp (a checkout there) stays visible: the sandbox's private /tmp is mounted
+    before the interpreter's prefix is bound, not over it."""
+    if bwrap_unusable("nobody"):
+        pytest.skip(bwrap_unusable("nobody"))
+    assert str(tmp_path).startswith("/tmp/")
+    venv = tmp_path / "venv"
+    venv.symlink_to(sys.prefix)  # sys.prefix of a Python started from here is the /tmp path
+    code = ("from rollout.config import SandboxConfig\nfrom rollout.sandbox import Sandbox\n"
+            "r = Sandbox(SandboxConfig(isolation='bwrap')).run_sync('print(6 * 7)')\n"
+            "print(r.status, r.stdout.strip(), r.stderr.strip()[-300:])\n")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=repo))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["ok", "42"], out.stdout
