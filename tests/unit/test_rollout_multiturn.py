@@ -148,10 +148,12 @@ def test_observation_truncated_to_token_budget(tok):
 
 def test_tool_errors_and_timeouts_become_observations(tok):
     c = cfg()
-    c.sandbox.timeout_s = 1
+    # The limit must also let `1/0` finish: an interpreter start in bwrap under a loaded machine
+    # (make test's two workers) took over 1 s once, and the error read as a timeout.
+    c.sandbox.timeout_s = 4
     s, _ = _run(tok, ["```python\nwhile True: pass\n```", "```python\n1/0\n```", FINAL], c)
     assert s.metadata["tool_statuses"] == ["timeout", "error"]
-    assert "TimeoutError: execution exceeded 1 s" in s.response_text
+    assert "TimeoutError: execution exceeded 4 s" in s.response_text
     assert "ZeroDivisionError" in s.response_text
 
 
@@ -193,7 +195,9 @@ def test_tool_metrics_from_samples(tok):
     from rollout.tool_metrics import tool_metrics
 
     c = cfg()
-    c.sandbox.timeout_s, c.reward_workers = 1, 1  # scored in a worker process: reward_status is set
+    # A limit that `1/0` meets even on a loaded machine (see the test above); reward in a worker
+    # process so that reward_status is set.
+    c.sandbox.timeout_s, c.reward_workers = 4, 1
     s1, _ = _run(tok, ["```python\nwhile True: pass\n```", "```python\n1/0\n```", TOOL_TURN, FINAL], c)
     s2, _ = _run(tok, ["I think it is 41.<|im_end|>"])
     m = tool_metrics([s1, s2])
