@@ -29,11 +29,6 @@ CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 STEPS, PROMPTS, N = 4, 4, 8  # N: the config's rollout.n_samples
 
 
-@pytest.fixture(scope="module")
-def assets(tiny_assets):
-    return tiny_assets
-
-
 def _cmd(assets, out):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
             "-m", "megatron_alp.train", "--config", CONFIG, f"model.hf_path={assets['hf']}",

@@ -29,11 +29,6 @@ CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 SAMPLES_PER_STEP = 4 * 8
 
 
-@pytest.fixture(scope="module")
-def assets(tiny_assets):
-    return tiny_assets
-
-
 def _cmd(assets, out, nproc, reward, steps):
     head = [sys.executable, "-m", "megatron_alp.train"] if nproc == 0 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

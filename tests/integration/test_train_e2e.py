@@ -22,11 +22,6 @@ CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 pytestmark = pytest.mark.slow  # torchrun trainer runs (make test still runs them)
 
 
-@pytest.fixture(scope="module")
-def assets(tiny_assets):
-    return tiny_assets  # tests/conftest.py: built once for every end-to-end test
-
-
 def _train(assets, out, name, nproc, *overrides, steps=3):
     head = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]

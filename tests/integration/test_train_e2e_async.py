@@ -14,11 +14,6 @@ from .test_train_e2e import _scalars, _timing, _train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def assets(tiny_assets):
-    return tiny_assets  # tests/conftest.py: built once for every end-to-end test
-
-
 @pytest.mark.slow
 def test_async_rollout_bound_and_resume(assets, tmp_path):
     """max_staleness = 1: every trained sample's version is within 1 of its step, every group is

@@ -12,11 +12,6 @@ from .test_train_e2e import _assert_same_scalars, _train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def assets(tiny_assets):
-    return tiny_assets  # tests/conftest.py: built once for every end-to-end test
-
-
 @pytest.mark.parametrize("packing", [
     pytest.param(False, id="padded"),
     pytest.param(True, id="packed", marks=pytest.mark.slow),
