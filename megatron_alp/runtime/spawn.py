@@ -131,7 +131,8 @@ def _run_once(fn, world_size, args, timeout, env):
 
 # Imported once by the forkserver; every world's processes are forked from it with these loaded,
 # instead of importing torch and Megatron-Core again (10-20 s per world on a loaded 2-core box).
-PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state", "megatron.core.models.gpt",
+# megatron_alp first: its import installs the jit_fuser hook that must see Megatron load (runtime.jit_fuser).
+PRELOAD = ("megatron_alp", "torch", "torch.distributed", "megatron.core.parallel_state", "megatron.core.models.gpt",
            "megatron.core.optimizer", "megatron.core.distributed", "megatron.core.pipeline_parallel",
            "megatron_alp.model.builder", "megatron_alp.runtime.distributed")
 

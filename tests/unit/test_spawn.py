@@ -10,6 +10,8 @@ from megatron_alp.runtime.spawn import WorkerError, run_world
 
 
 def _sum_ranks(rank, world_size):
+    import sys
+
     import torch
     import torch.distributed as dist
 
@@ -18,6 +20,9 @@ def _sum_ranks(rank, world_size):
     init_distributed()
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)
+    # The forkserver preloads Megatron: without CUDA it must not have pulled torch.compile's stack in
+    # (runtime/jit_fuser.py; 2.4 s of every world's server start).
+    assert torch.cuda.is_available() or "torch._dynamo" not in sys.modules
     return rank, world_size, t.item()
 
 
