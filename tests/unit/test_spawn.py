@@ -21,8 +21,8 @@ def _sum_ranks(rank, world_size):
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)
     # The forkserver preloads Megatron: without CUDA it must not have pulled torch.compile's stack in
-    # (runtime/jit_fuser.py; 2.4 s of every world's server start).
-    assert torch.cuda.is_available() or "torch._dynamo" not in sys.modules
+    # (runtime/jit_fuser.py: Megatron's torch.compile decorations imported torch._inductor's compiler).
+    assert torch.cuda.is_available() or "torch._inductor.compile_fx" not in sys.modules
     return rank, world_size, t.item()
 
 
