@@ -2,9 +2,8 @@
 engine is SIGKILLed while it holds a request of the run, and no sample is lost: the request is
 re-issued on the other engine, every step trains all its groups, whole and within the staleness
 bound, and the trained prompts are exactly those of the same run without the fault: step s's group
-g is the prompt stream's (s x prompts_per_step + g)-th prompt (the producer draws each target step's
-prompts in order from the seeded stream, and a re-issued or regenerated group keeps its prompt), so
-the expected list is the stream's, drawn here rather than by a second, uninterrupted run (~30 s).
+g is the prompt stream's (s x prompts_per_step + g)-th prompt, so the expected list is the stream's
+(prompts.py), drawn here rather than by a second, uninterrupted run (~30 s).
 
 The kill lands on requests in flight, never on a sleep: step s's groups are logged
 (trained_groups.jsonl) right after the producer issued step s + 1's (targets start at
@@ -24,6 +23,8 @@ import time
 import pytest
 
 from megatron_alp.config.loader import CONFIG_ROOT
+
+from .prompts import stream_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -108,21 +109,6 @@ def _trained(run_dir):
     return sorted(out)
 
 
-def _fault_free(assets, out):
-    """[(step, group_id, prompt_index)] a run of :func:`_cmd` without a fault trains: its driver's
-    prompt stream (same config, tokenizer and seed), ``PROMPTS`` prompts per step in order."""
-    from transformers import AutoTokenizer
-
-    from megatron_alp.config import load_config
-    from rollout.data import PromptStream, load_prompts
-
-    cmd = _cmd(assets, out)
-    cfg = load_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2:])
-    stream = PromptStream(load_prompts(cfg.rollout.data, AutoTokenizer.from_pretrained(cfg.model.hf_path)),
-                          seed=cfg.run.seed)
-    return sorted((s, g, p.index) for s in range(STEPS) for g, p in enumerate(stream.next_batch(PROMPTS)))
-
-
 def test_engine_killed_mid_request_in_async_mode_loses_no_sample(assets, tmp_path):
     out = str(tmp_path / "fault")
     proc = subprocess.Popen(_cmd(assets, out), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
@@ -146,4 +132,5 @@ def test_engine_killed_mid_request_in_async_mode_loses_no_sample(assets, tmp_pat
               if f"engine {url}: POST /generate failed" in ln and "Cannot connect" not in ln]
     assert broken, log[-4000:]
     assert f"re-issuing a request that failed on {url}" in log, log[-4000:]
-    assert _trained(os.path.join(out, "run")) == _fault_free(assets, out)
+    cmd = _cmd(assets, out)
+    assert _trained(os.path.join(out, "run")) == stream_prompts(CONFIG, cmd[cmd.index("--config") + 2:], STEPS, PROMPTS)
