@@ -36,7 +36,9 @@ def quiet_warnings() -> None:
 quiet_warnings()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_alp.convert.world import DTYPE_ARGS, run_command  # noqa: E402
+# The keys of megatron_alp.convert.world.DTYPE_ARGS (a test checks): named here so that this module
+# and a bad input's error need neither torch nor Megatron (3 s of CPU to print one line).
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
 def _size(text: str) -> int:
@@ -71,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--out", required=True, help="output directory (must not hold a checkpoint already)")
         s.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the conversion world")
         s.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the conversion world")
-        s.add_argument("--dtype", choices=sorted(DTYPE_ARGS), default="auto",
+        s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                        help="dtype written (auto = the source's)")
         s.add_argument("--verify", action="store_true", help="compare logits/log-probs with transformers")
         s.add_argument("--tol", type=float, default=1e-2, help="verify tolerance on max abs logits/log-probs")
@@ -93,22 +95,26 @@ def main(argv=None) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         print(f"error: {args.out} is not empty (use --force to write into it)", file=sys.stderr)
         return 2
-    try:  # fail fast, before a world is started, on what can be checked from headers alone
+    try:  # fail fast, before a world is started: config and layout first, from headers alone, without torch
         max_shard_bytes = _size(args.max_shard_size) if args.command == "mcore-to-hf" else None
         from megatron_alp.config import ParallelConfig
-        from megatron_alp.runtime.distributed import validate_layout
+        from megatron_alp.runtime.layout import validate_layout
 
         if args.command == "hf-to-mcore":
-            from megatron_alp.convert.pipeline import preflight
+            from megatron_alp.convert.hf_config import model_config_from_hf, read_hf_config
 
-            model_cfg = preflight(src)[1]
+            model_cfg = model_config_from_hf(read_hf_config(src), src)
         else:
-            from megatron_alp.convert.mcore_ckpt import model_config_from_meta, read_meta
+            from megatron_alp.convert.meta import model_config_from_meta, read_meta
 
             model_cfg = model_config_from_meta(read_meta(src))
         world = int(os.environ.get("WORLD_SIZE", args.tp * args.pp))
         ParallelConfig(tp=args.tp, pp=args.pp).validate()  # --tp 0: a line, not a ZeroDivisionError
         validate_layout(ParallelConfig(tp=args.tp, pp=args.pp), world, model_cfg)
+        if args.command == "hf-to-mcore":  # tensor names and shapes (safetensors headers; imports Megatron)
+            from megatron_alp.convert.pipeline import preflight
+
+            preflight(src)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -117,6 +123,8 @@ def main(argv=None) -> int:
     opts["hf" if args.command == "hf-to-mcore" else "mcore"] = os.path.abspath(src)
     if args.command == "mcore-to-hf":
         opts["max_shard_bytes"] = max_shard_bytes
+    from megatron_alp.convert.world import run_command
+
     t0 = time.perf_counter()
     if "WORLD_SIZE" in os.environ:  # torchrun: this process is one rank of the world
         import torch.distributed as dist

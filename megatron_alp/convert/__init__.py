@@ -10,13 +10,22 @@
 - ``pipeline.py``: the two conversions; ``verify.py``: logits/log-prob comparison with transformers.
 """
 
-from .families import FAMILIES, UnsupportedModelError, get_family
-from .hf_config import model_config_from_hf, read_hf_config
-from .mapping import ShapeMismatchError, WeightMap, megatron_to_hf
-from .mcore_ckpt import is_megatron_checkpoint, load_megatron_checkpoint, read_meta, save_megatron_checkpoint
+import importlib
 
-__all__ = [
-    "FAMILIES", "ShapeMismatchError", "UnsupportedModelError", "WeightMap", "get_family",
-    "is_megatron_checkpoint", "load_megatron_checkpoint", "megatron_to_hf", "model_config_from_hf",
-    "read_hf_config", "read_meta", "save_megatron_checkpoint",
-]
+# name -> submodule. Imported on first use (PEP 562), so that a light submodule (``meta``,
+# ``hf_config``, ``families``) does not pull in torch and Megatron: tools/convert.py checks its
+# input with those before importing either.
+_EXPORTS = {
+    "FAMILIES": "families", "UnsupportedModelError": "families", "get_family": "families",
+    "model_config_from_hf": "hf_config", "read_hf_config": "hf_config",
+    "ShapeMismatchError": "mapping", "WeightMap": "mapping", "megatron_to_hf": "mapping",
+    "is_megatron_checkpoint": "meta", "read_meta": "meta",
+    "load_megatron_checkpoint": "mcore_ckpt", "save_megatron_checkpoint": "mcore_ckpt",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -12,18 +12,30 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Dict, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from ..config.schema import ModelConfig
 from .families import UnsupportedModelError, get_family
+
+if TYPE_CHECKING:
+    import torch
 
 # Megatron-Core's RotaryEmbedding._apply_scaling implements Llama-3.x scaling with these constants
 # fixed (only the factor is configurable); another value would give a different model.
 LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config.json's dtype names this code reads and writes. Names, not torch dtypes: this module stays
+# free of torch so tools/convert.py refuses a bad config.json before importing torch.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """A :data:`DTYPE_NAMES` name -> the torch dtype (KeyError for another name)."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise KeyError(name)
+    return getattr(torch, name)
 
 
 def read_hf_config(hf_dir: str) -> Dict[str, Any]:
@@ -103,7 +115,9 @@ def model_config_from_hf(hf: Dict[str, Any], hf_path: Optional[str] = None) -> M
 def hf_config_for_export(model_cfg: ModelConfig, dtype: torch.dtype,
                          source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """config.json for an exported checkpoint: the source's (dtype updated) or one built from ``model_cfg``."""
-    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name not in DTYPE_NAMES:
+        raise KeyError(dtype)
     if source is not None:
         out = copy.deepcopy(source)
         out["torch_dtype" if "torch_dtype" in out and "dtype" not in out else "dtype"] = dtype_name

@@ -23,34 +23,13 @@ import torch.distributed as dist
 from ..config.schema import ModelConfig
 from ..model.alp.params import is_alp_param
 from ..model.sharding import unwrap
+from .meta import FORMAT, META, is_megatron_checkpoint, model_config_from_meta, read_meta  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-META = "megatron_alp_convert.json"
 HF_SUBDIR = "hf"
-FORMAT = "megatron_alp.torch_dist.v1"
 # Wrappers that ALP's logits-only variant puts around stock modules (cf. sharding._TRANSPARENT).
 _TRANSPARENT_KEYS = (("decoder.final_layernorm.norm.", "decoder.final_layernorm."),)
-
-
-def is_megatron_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META)) and os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def read_meta(path: str) -> Dict[str, Any]:
-    """Our metadata of a converted checkpoint (raises a clear error for anything else)."""
-    meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{path} is not a checkpoint written by tools/convert.py (no {META})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this reader knows {FORMAT!r}")
-    return meta
-
-
-def model_config_from_meta(meta: Dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**meta["model"])
 
 
 def save_megatron_checkpoint(model, out_dir: str, meta: Dict[str, Any]) -> None:

@@ -191,13 +191,13 @@ def export_hf_weights(model, wmap: WeightMap, out_dir: str, dtype: Optional[torc
 def mcore_to_hf(mcore_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None,
                 max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Dict[str, Any]:
     """Convert a Megatron checkpoint written by :func:`hf_to_mcore` back to an HF directory (collective)."""
-    from .hf_config import DTYPES
+    from .hf_config import torch_dtype
 
     t0 = time.perf_counter()
     meta = read_meta(mcore_dir)
     model_cfg = model_config_from_meta(meta)
     wmap = WeightMap.for_model(model_cfg.family, model_cfg)
-    saved = DTYPES[meta["dtype"]]
+    saved = torch_dtype(meta["dtype"])
     dtype = dtype or saved
     model = build_for_conversion(model_cfg, tp, pp, saved)
     load_megatron_checkpoint(model, mcore_dir)

@@ -96,3 +96,38 @@ def test_export_over_an_older_model_is_what_transformers_loads(tiny, tmp_path):
     finalize_shards(out, writer2.files)
     assert sorted(n for n in os.listdir(out) if "safetensors" in n) == [
         "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+def test_dtype_choices_are_the_worlds(convert):
+    from megatron_alp.convert.world import DTYPE_ARGS
+
+    assert sorted(convert.DTYPE_CHOICES) == sorted(DTYPE_ARGS)
+
+
+def test_bad_input_is_refused_without_importing_torch(tiny, tmp_path):
+    """The CLI checks config.json / our metadata and the layout before it imports torch or Megatron
+    (3 s of CPU each time otherwise); the names and shapes check (Megatron) comes after them."""
+    import json
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="gemma2")))
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{os.path.join(ROOT, 'tools', 'convert.py')!r}, *sys.argv[1:]]\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print(code, sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))\n"
+    )
+    cases = [
+        (["hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "o")], "unsupported model_type 'gemma2'"),
+        (["hf-to-mcore", "--hf", tiny, "--out", str(tmp_path / "o"), "--tp", "3"], "parallel.tp = 3"),
+        (["mcore-to-hf", "--mcore", tiny, "--out", str(tmp_path / "o")], "not a checkpoint written by"),
+    ]
+    for argv, message in cases:
+        r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT)
+        assert message in r.stderr and r.stdout.split("\n")[-2] == "2 []", (argv, r.stdout, r.stderr)
