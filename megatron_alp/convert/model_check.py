@@ -48,7 +48,7 @@ def check_model_matches_checkpoint(model: ModelConfig, checkpoint: Optional[str]
     """Raise ValueError naming every differing field (no-op without a converted checkpoint or a local
     HF directory to compare with)."""
     from .hf_config import model_config_from_hf, read_hf_config
-    from .mcore_ckpt import is_megatron_checkpoint, model_config_from_meta, read_meta
+    from .meta import is_megatron_checkpoint, model_config_from_meta, read_meta
 
     if checkpoint and is_megatron_checkpoint(checkpoint):
         bad = model_differences(model, model_config_from_meta(read_meta(checkpoint)))

@@ -60,7 +60,7 @@ def load_for_world(config_path: Optional[str], overrides: Sequence[str], world: 
                      "here; the batch split and precision are checked by the trainer on its nodes")
     import torch
 
-    from ..trainer.setup import load_and_check
+    from ..trainer.config_check import load_and_check
 
     overrides = list(overrides)
     note = None
