@@ -100,11 +100,14 @@ class _ActivationQuant:
     version counter (an in-place change bumps the version), so it is recomputed only for a new input.
     The remembered reference keeps that tensor alive, so identity cannot be reused by another."""
 
-    def __init__(self):
+    def __init__(self, reference: bool = False):
+        self.reference = reference  # every call quantizes with fake_quant_activation (the baseline)
         self.last = None  # (input, its _version, quantized)
 
     def __call__(self, module, args):
         x = args[0]
+        if self.reference:
+            return (fake_quant_activation(x),) + tuple(args[1:])
         last = self.last
         if last is not None and last[0] is x and last[1] == x._version:
             q = last[2]
@@ -117,11 +120,12 @@ class _ActivationQuant:
         self.last = None
 
 
-def apply_fp8_emulation(model: torch.nn.Module) -> List[str]:
-    """Fake-quantize the decoder linear weights in place and hook their inputs. Returns the names."""
+def apply_fp8_emulation(model: torch.nn.Module, reference: bool = False) -> List[str]:
+    """Fake-quantize the decoder linear weights in place and hook their inputs. Returns the names.
+    ``reference``: the hook quantizes every input with :func:`fake_quant_activation` (no sharing)."""
     names = fp8_linear_names(model)
     modules = dict(model.named_modules())
-    hook = getattr(model, "_fp8_activation_quant", None) or _ActivationQuant()
+    hook = getattr(model, "_fp8_activation_quant", None) or _ActivationQuant(reference)
     model._fp8_activation_quant = hook
     with torch.no_grad():
         for name in names:

@@ -114,7 +114,7 @@ class LocalModel:
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
         self.max_len = int(getattr(self.config, "max_position_embeddings", 4096))
-        self.fp8_names = apply_fp8_emulation(self.model) if precision == "fp8" else []
+        self.fp8_names = apply_fp8_emulation(self.model, reference) if precision == "fp8" else []
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         except Exception as e:  # a checkpoint without tokenizer serves input_ids only
