@@ -230,6 +230,11 @@ class LocalModel:
         which fails it alone without touching its generator, as before."""
         vocab = logp.shape[-1]
         rows = [i for i, r in enumerate(reqs) if _unfiltered(r, vocab)]
+        # rows without a generator of their own share the engine's: batch them only if no other row
+        # draws from it, so that its draws keep the row order of the row-by-row sampler
+        if any(r.generator is None and r.temperature > GREEDY_EPS and r.top_k != 1 and not _unfiltered(r, vocab)
+               for r in reqs):
+            rows = [i for i in rows if reqs[i].generator is not None]
         if not rows:
             return set()
         probs = torch.empty(len(rows), vocab)
