@@ -96,7 +96,7 @@ class LocalModel:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.precision = precision
         # reference: the plain per-row paths (sampling row by row, every repeat prefilled), kept to
-        # check the batched ones against and as bench/rollout's baseline; same results either way
+        # check the batched ones against and as bench.rollout_demo's baseline; same results either way
         self.reference = reference
         self.dtype = DTYPES[precision]
         config = AutoConfig.from_pretrained(model_path)
