@@ -264,7 +264,7 @@ class Fleet:
                     if failures > 2 * len(self._engines):
                         raise FleetExhausted(f"request failed on {failures} attempts; last: {e}") from e
                     avoid = eng
-                    logger.warning("re-issuing a batch of %d that failed on %s", len(todo), eng.client.url)
+                    logger.warning("re-issuing a request that failed on %s (a batch of %d)", eng.client.url, len(todo))
                     continue
                 finally:
                     eng.outstanding -= len(todo)
