@@ -147,6 +147,8 @@ class EngineClient:
             for rid in rids:
                 asyncio.ensure_future(self._abort_quietly(rid))
             raise
+        if isinstance(obj, dict) and len(rids) == 1:
+            obj = [obj]  # a batch of one may come back unwrapped
         if not isinstance(obj, list) or len(obj) != len(rids):
             got = f"a list of {len(obj)}" if isinstance(obj, list) else type(obj).__name__
             raise MalformedResponse(self.url, f"a batch /generate of {len(rids)} prompts answered {got}")

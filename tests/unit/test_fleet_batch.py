@@ -125,3 +125,34 @@ def test_batch_payload_is_sglangs_list_form():
     assert body["return_logprob"] is True and body["stream"] is False
     with pytest.raises(ValueError, match="as many"):
         generate_batch_payload([[1]], [], ["a"])
+    # SGLang 0.5.23's /generate schema gate and SamplingParams.verify accept it (the committed contract)
+    from rollout.engines.local.gate import contract_error, normalize_sampling
+    from rollout.engines.protocol import sampling_params
+
+    params = [sampling_params(max_new_tokens=4, temperature=0.7, stop=["x"], sampling_seed=s) for s in (1, 2)]
+    body = generate_batch_payload([[1, 2], [1, 2]], params, ["a", "b"])
+    assert contract_error(body) is None, body
+    for p in body["sampling_params"]:
+        normalize_sampling(p, vocab_size=1000)
+
+
+def test_client_checks_a_batch_answer(monkeypatch):
+    from rollout.engines.client import EngineClient
+    from rollout.engines.protocol import MalformedResponse
+
+    one = {"output_ids": [4], "meta_info": {"finish_reason": {"type": "length"}, "weight_version": "0",
+                                            "output_token_logprobs": [[-0.1, 4, None]]}}
+    answers = []
+
+    async def fake_request(self, method, path, *, json=None, **kw):
+        assert path == "/generate" and len(json["input_ids"]) == len(json["rid"])
+        return answers.pop(0)
+
+    monkeypatch.setattr(EngineClient, "_request", fake_request)
+    c = EngineClient("http://x")
+    answers[:] = [one, [one, one]]
+    assert [o.output_ids for o in asyncio.run(c.generate_batch([[1]], [{"max_new_tokens": 1}]))] == [[4]]
+    assert len(asyncio.run(c.generate_batch([[1], [2]], [{"max_new_tokens": 1}] * 2))) == 2
+    answers[:] = [[one]]
+    with pytest.raises(MalformedResponse, match="batch /generate of 2 prompts answered a list of 1"):
+        asyncio.run(c.generate_batch([[1], [2]], [{"max_new_tokens": 1}] * 2))
