@@ -37,16 +37,20 @@ def stock_layer_spec(model_cfg, use_te: bool | None = None):
 
 
 def _with_sp_capable_norms(spec):
-    """Copy of the local spec whose Apex-less norms (``WrappedTorchNorm``) become our RMSNorm.
+    """Copy of the local spec whose Apex-less norms (``WrappedTorchNorm``) become our RMSNorm, and
+    whose core attention takes packed sequences.
 
-    The only change: sequence parallelism works (see :mod:`megatron_alp.model.norm`). The QK norms
-    act on TP-sharded heads, not on sequence slices, so Megatron reduces them by name; they are
-    swapped too only to keep one norm class.
+    The norms: sequence parallelism works (see :mod:`megatron_alp.model.norm`). The QK norms act on
+    TP-sharded heads, not on sequence slices, so Megatron reduces them by name; they are swapped
+    too only to keep one norm class. The core attention: the stock ``DotProductAttention`` plus the
+    THD format (:mod:`megatron_alp.model.attention`), unchanged without packing.
     """
     import copy
 
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from .attention import PackedDotProductAttention
     from .norm import RMSNorm
 
     spec = copy.deepcopy(spec)
@@ -59,7 +63,21 @@ def _with_sp_capable_norms(spec):
         for slot in ("q_layernorm", "k_layernorm"):
             if getattr(attn, slot, None) is WrappedTorchNorm:
                 setattr(attn, slot, RMSNorm)
+        if getattr(attn, "core_attention", None) is DotProductAttention:
+            attn.core_attention = PackedDotProductAttention
     return spec
+
+
+def takes_packed_sequences(model_chunks) -> bool:
+    """Whether every core attention of the model takes ``packed_seq_params`` (THD): Transformer
+    Engine's on a GPU, :class:`~megatron_alp.model.attention.PackedDotProductAttention` on the local
+    spec. The stock local ``DotProductAttention`` does not (packing then uses a dense mask)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from .attention import PackedDotProductAttention
+
+    return not any(isinstance(m, DotProductAttention) and not isinstance(m, PackedDotProductAttention)
+                   for c in model_chunks for m in c.modules())
 
 
 def final_norm_spec(use_te: bool | None = None):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..algo.metrics import compute_metrics
 from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
 from ..model.alp import alp_forward, token_codes
-from ..model.specs import have_transformer_engine
+from ..model.specs import takes_packed_sequences
 from ..ops.logprob import vocab_parallel_logprobs
 from ..runtime.device import any_rank, collective_tensor, to_device
 from .batch import RLBatch
@@ -57,7 +57,7 @@ class Actor:
         self.temperature = temperature
         self.max_tokens = run.max_tokens_per_micro_batch  # packing budget (0: padded micro-batches)
         self.pad_multiple = pad_multiple  # sequence padding multiple (TP under SP, x16 under FP8)
-        self._thd = torch.cuda.is_available() and have_transformer_engine()  # packed: THD on TE, else a mask
+        self._thd = takes_packed_sequences(model_chunks)  # packed: THD (TE, our local attention), else a mask
 
     # -- helpers --------------------------------------------------------------------------------
 

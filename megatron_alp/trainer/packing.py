@@ -3,12 +3,14 @@
 A micro-batch is one row of samples laid end to end (no padding between them), at most
 ``budget`` tokens (a sample longer than the budget travels alone). The model sees:
 
-- CPU / local spec: a block-diagonal causal mask ``[1, 1, T, T]`` (True = masked, Megatron's
-  convention) and position ids restarting at 0 for every sample, so each sample attends only to
-  its own past exactly as in its padded row;
-- GPU / Transformer Engine: the THD format, ``PackedSeqParams`` with the samples' cumulative
-  lengths (cu_seqlens), as Megatron-Core 0.16.1 takes it in ``GPTModel.forward`` (see
-  :func:`packed_seq_params`; not testable without CUDA and TE).
+- the THD format, ``PackedSeqParams`` with the samples' cumulative lengths (cu_seqlens), as
+  Megatron-Core 0.16.1 takes it in ``GPTModel.forward`` (see :func:`packed_seq_params`): on a GPU
+  Transformer Engine's attention, on the local spec our :class:`~megatron_alp.model.attention.
+  PackedDotProductAttention` (the same code path, tested here); RoPE restarts at every sample;
+- a model whose core attention takes no THD (a stock local ``DotProductAttention``): a
+  block-diagonal causal mask ``[1, 1, T, T]`` (True = masked, Megatron's convention) and position
+  ids restarting at 0 for every sample, so each sample attends only to its own past as in its
+  padded row.
 
 Only the model forward and the vocabulary-sized log-prob op run on the packed row. Their per-token
 outputs (log-prob, entropy: one scalar per token) are scattered back to the samples' rows
@@ -96,12 +98,15 @@ class PackedMicroBatch:
         return self.tokens.shape[1]
 
     def cu_seqlens(self) -> torch.Tensor:
-        """Cumulative sample lengths [n + 2] int32, the end padding counted as one more sequence."""
+        """Cumulative sample lengths [n + 1 + pieces] int32. The end padding counts as more
+        sequences, each no longer than the longest sample (attention on a packed row costs the
+        square of its longest sequence: model/attention.py)."""
         edges = [0]
         for n in self.lengths:
             edges.append(edges[-1] + n)
-        if edges[-1] < self.total:
-            edges.append(self.total)
+        piece = max(self.lengths)
+        while edges[-1] < self.total:
+            edges.append(min(self.total, edges[-1] + piece))
         return torch.tensor(edges, dtype=torch.int32)
 
     def attention_mask(self) -> torch.Tensor:
@@ -170,11 +175,12 @@ def packs_needed(batch, budget: int) -> int:
 
 
 def packed_seq_params(pack: PackedMicroBatch, device=None):
-    """Megatron-Core 0.16.1's ``PackedSeqParams`` for a THD forward (Transformer Engine attention).
+    """Megatron-Core 0.16.1's ``PackedSeqParams`` for a THD forward (Transformer Engine's attention
+    on a GPU, model/attention.py's on the local spec).
 
     Written against megatron/core/packed_seq_params.py (qkv_format, cu_seqlens_q/kv,
-    max_seqlen_q/kv); the CPU path uses :meth:`PackedMicroBatch.attention_mask` instead. Untested
-    here: it needs CUDA and Transformer Engine.
+    max_seqlen_q/kv). Without CUDA it runs through the local spec (tests/distributed); with
+    Transformer Engine only on a GPU (tests/gpu).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
