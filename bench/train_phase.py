@@ -45,7 +45,7 @@ def _batch(n: int, seed: int):
                    sample_ids=torch.arange(n))
 
 
-def _world(rank, world_size, steps, bus_dir):
+def _world(rank, world_size, steps, bus_dir, overrides=()):
     import torch.distributed as dist
 
     from megatron_alp.config import load_config
@@ -59,7 +59,7 @@ def _world(rank, world_size, steps, bus_dir):
 
     torch.set_num_threads(1)
     cfg = load_config(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml",
-                      [f"parallel.tp={world_size}", f"bus.dir={bus_dir}", f"run.steps={steps}"])
+                      [f"parallel.tp={world_size}", f"bus.dir={bus_dir}", f"run.steps={steps}", *overrides])
     init_distributed(cfg.parallel.pg_timeout_minutes)
     init_parallel_state(cfg.parallel, cfg.model, seed=cfg.run.seed)
     model = build_model(cfg, alp=cfg.alp.enabled)
@@ -94,11 +94,11 @@ def _world(rank, world_size, steps, bus_dir):
     return {"train_s": train_s, "sync_s": sync_s, "train_cpu": train_cpu, "sync_cpu": sync_cpu}
 
 
-def measure(nproc: int, steps: int) -> dict:
+def measure(nproc: int, steps: int, overrides=()) -> dict:
     from megatron_alp.runtime.spawn import run_world
 
     with tempfile.TemporaryDirectory(prefix="bench-train-phase-") as bus:
-        return run_world(_world, nproc, args=(steps, bus), timeout=1800)[0]
+        return run_world(_world, nproc, args=(steps, bus, tuple(overrides)), timeout=1800)[0]
 
 
 def _in_tree(tree: str, nproc: int, steps: int) -> dict:

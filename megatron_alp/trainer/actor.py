@@ -284,10 +284,10 @@ def _token_codes(mb) -> torch.Tensor:
     so a token is perturbed alike padded or packed, in any micro-batch, on any DP rank. A batch
     without ``sample_ids`` uses its row numbers (then the identity is only local to this batch)."""
     if isinstance(mb, PackedMicroBatch):
-        ids = _sample_ids(mb.rows)
+        used = sum(mb.lengths)
+        ids = torch.repeat_interleave(_sample_ids(mb.rows).cpu(), torch.tensor(mb.lengths))
         codes = torch.full(mb.tokens.shape, -1, dtype=torch.int64)  # the end padding: never counted
-        for k, (s, n) in enumerate(zip(mb.starts, mb.lengths, strict=True)):
-            codes[0, s:s + n] = token_codes(ids[k].expand(n), torch.arange(n))
+        codes[0, :used] = token_codes(ids, mb.positions[0, :used].cpu())
         return codes
     n, L = mb.tokens.shape
     return token_codes(_sample_ids(mb)[:, None].expand(n, L), torch.arange(L)[None].expand(n, L))

@@ -25,8 +25,9 @@ stages. The padding is a block of its own (it attends only to itself) and carrie
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import List, Sequence
+import itertools
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -89,6 +90,7 @@ class PackedMicroBatch:
     starts: List[int]  # where each sample begins in the row
     lengths: List[int]
     dummy: bool = False  # filler to reach the micro-batch count agreed across DP (loss mask 0)
+    _occupied: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return 1
@@ -119,14 +121,20 @@ class PackedMicroBatch:
         causal = torch.ones(self.total, self.total, dtype=torch.bool).tril()
         return ~(same & causal)[None, None]
 
+    def occupied(self) -> torch.Tensor:
+        """[n, L] bool: token j of sample k is in the pack (j < its length). Row-major, its True
+        entries are the pack's first ``sum(lengths)`` tokens in order."""
+        if self._occupied is None:
+            L = self.rows.tokens.shape[1]
+            self._occupied = torch.arange(L)[None] < torch.tensor(self.lengths)[:, None]
+        return self._occupied
+
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Per-token values [1, T] (or [T]) -> the samples' rows [n, L] (0 outside each sample)."""
         flat = packed.reshape(-1)
-        L = self.rows.tokens.shape[1]
-        out = flat.new_zeros(len(self.lengths), L)
-        for k, (s, n) in enumerate(zip(self.starts, self.lengths, strict=True)):
-            out[k, :n] = flat[s:s + n]
-            out[k, 0] = 0  # position 0 of a sample is predicted from the previous sample: never counted
+        occupied = self.occupied().to(flat.device)
+        out = flat.new_zeros(occupied.shape).masked_scatter(occupied, flat[:sum(self.lengths)])
+        out[:, 0] = 0  # position 0 of a sample is predicted from the previous sample: never counted
         return out
 
 
@@ -136,17 +144,18 @@ def pack_rows(rows, lengths: Sequence[int], total: int, pad_id: int = 0, dummy: 
     used = sum(lengths)
     if used > total:
         raise ValueError(f"{used} tokens do not fit a packed row of {total}")
+    L = rows.tokens.shape[1]
+    occupied = torch.arange(L)[None] < torch.tensor(list(lengths))[:, None]
     tokens = torch.full((1, total), pad_id, dtype=torch.long)
-    positions = torch.zeros((1, total), dtype=torch.long)
-    starts, s = [], 0
-    for k, n in enumerate(lengths):
-        tokens[0, s:s + n] = rows.tokens[k, :n]
-        positions[0, s:s + n] = torch.arange(n)
-        starts.append(s)
-        s += n
-    positions[0, s:] = torch.arange(total - s)
-    return PackedMicroBatch(rows=rows, index=list(index), tokens=tokens, positions=positions, starts=starts,
+    tokens[0, :used] = rows.tokens.cpu()[occupied]
+    positions = torch.arange(total)
+    positions[:used] = torch.arange(L).expand(len(lengths), L)[occupied]
+    positions[used:] -= used  # the end padding counts from 0 too
+    starts = [0, *itertools.accumulate(lengths)][:-1]
+    pack = PackedMicroBatch(rows=rows, index=list(index), tokens=tokens, positions=positions[None], starts=starts,
                             lengths=list(lengths), dummy=dummy)
+    pack._occupied = occupied
+    return pack
 
 
 def make_packs(batch, budget: int, count: int, pad_multiple: int = 1) -> List[PackedMicroBatch]:
