@@ -24,8 +24,8 @@ stages. The padding is a block of its own (it attends only to itself) and carrie
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
