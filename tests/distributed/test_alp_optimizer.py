@@ -96,7 +96,8 @@ def _foreach_world(rank, world_size):
             norms.append(opt.step()[1])
         opt.load_state_dict(opt.state_dict())
         moved = any(not torch.equal(p, start[k]) for k, p in model.named_parameters())
-        out[foreach] = {"flags": flags, "moved": moved, "reloaded": {g.get("foreach") for g in opt.megatron.param_groups},
+        reloaded = {g.get("foreach") for g in opt.megatron.param_groups}
+        out[foreach] = {"flags": flags, "moved": moved, "reloaded": reloaded,
                         "norms": norms, "weights": {k: p.detach().clone() for k, p in model.named_parameters()}}
     return out
 
