@@ -20,6 +20,7 @@ as a padded row has them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,17 +28,39 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """The block-diagonal causal mask of one packed row, given by its blocks instead of ``[T, T]``
+    entries: sample i at rows ``cu_seqlens[i]:cu_seqlens[i + 1]`` (the end padding counted as
+    samples too), none longer than ``max_seqlen``. Passed as the ``attention_mask`` of a
+    micro-batch of one row; only :class:`PackedDotProductAttention` understands it."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    def to(self, device) -> "PackedRows":
+        return PackedRows(self.cu_seqlens.to(device), self.max_seqlen)
+
+
 class PackedDotProductAttention(DotProductAttention):
-    """Megatron's local ``DotProductAttention`` plus the packed (THD) format (module docstring)."""
+    """Megatron's local ``DotProductAttention`` plus packed rows: the THD format
+    (``packed_seq_params``) or a :class:`PackedRows` mask on the usual [s, 1, heads, dim] layout."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is None:
-            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                   attention_bias=attention_bias)
-        self._check_packed(packed_seq_params, attention_bias)
-        return packed_attention(query, key, value, packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q,
-                                self._scale())
+        if packed_seq_params is not None:  # THD: [t, heads, dim]
+            self._check_packed(packed_seq_params.qkv_format, attention_bias, packed_seq_params)
+            return packed_attention(query, key, value, packed_seq_params.cu_seqlens_q,
+                                    packed_seq_params.max_seqlen_q, self._scale())
+        if isinstance(attention_mask, PackedRows):  # [s, 1, heads, dim]
+            self._check_packed("sbhd", attention_bias)
+            if query.shape[1] != 1:
+                raise ValueError(f"a PackedRows mask describes a micro-batch of one row, got {query.shape[1]} rows")
+            out = packed_attention(query.squeeze(1), key.squeeze(1), value.squeeze(1), attention_mask.cu_seqlens,
+                                   attention_mask.max_seqlen, self._scale())
+            return out.unsqueeze(1)  # [s, 1, heads x dim], the stock layout
+        return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                               attention_bias=attention_bias)
 
     def _scale(self) -> float:
         # The stock class scales the scores by softmax_scale in baddbmm, then by coeff (the layer
@@ -45,18 +68,19 @@ class PackedDotProductAttention(DotProductAttention):
         coeff = self.scale_mask_softmax.scale
         return self.softmax_scale * (coeff if coeff is not None else 1.0)
 
-    def _check_packed(self, params, attention_bias) -> None:
+    def _check_packed(self, qkv_format: str, attention_bias, params=None) -> None:
         unsupported = {
-            "qkv_format != 'thd'": params.qkv_format != "thd",
+            "qkv_format other than 'thd'": qkv_format not in ("thd", "sbhd"),
             "an attention bias": attention_bias is not None,
             "a sliding window": self.scale_mask_softmax.window_size is not None,
             "a softmax offset (softmax_type != 'vanilla')": self.softmax_offset is not None,
             "attention dropout in training": self.training and self.attention_dropout.p > 0,
-            "different query and key sequences": params.cu_seqlens_kv is not None
-            and params.cu_seqlens_kv is not params.cu_seqlens_q
-            and not torch.equal(params.cu_seqlens_kv, params.cu_seqlens_q),
-            "padded cu_seqlens": params.cu_seqlens_q_padded is not None,
         }
+        if params is not None:
+            unsupported["different query and key sequences"] = params.cu_seqlens_kv is not None \
+                and params.cu_seqlens_kv is not params.cu_seqlens_q \
+                and not torch.equal(params.cu_seqlens_kv, params.cu_seqlens_q)
+            unsupported["padded cu_seqlens"] = params.cu_seqlens_q_padded is not None
         bad = [what for what, on in unsupported.items() if on]
         if bad:
             raise NotImplementedError(f"packed sequences on the local spec's attention do not support {', '.join(bad)}"

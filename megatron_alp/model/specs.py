@@ -68,16 +68,20 @@ def _with_sp_capable_norms(spec):
     return spec
 
 
-def takes_packed_sequences(model_chunks) -> bool:
-    """Whether every core attention of the model takes ``packed_seq_params`` (THD): Transformer
-    Engine's on a GPU, :class:`~megatron_alp.model.attention.PackedDotProductAttention` on the local
-    spec. The stock local ``DotProductAttention`` does not (packing then uses a dense mask)."""
+def packing_mode(model_chunks) -> str:
+    """How a packed micro-batch reaches this model's core attention: ``"rows"`` (the local spec's
+    :class:`~megatron_alp.model.attention.PackedDotProductAttention`: a
+    :class:`~megatron_alp.model.attention.PackedRows` mask), ``"mask"`` (Megatron's stock local
+    ``DotProductAttention``: a dense block-diagonal causal mask ``[1, 1, T, T]``) or ``"thd"``
+    (Transformer Engine's attention: ``PackedSeqParams``)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from .attention import PackedDotProductAttention
 
-    return not any(isinstance(m, DotProductAttention) and not isinstance(m, PackedDotProductAttention)
-                   for c in model_chunks for m in c.modules())
+    kinds = {type(m) for c in model_chunks for m in c.modules() if isinstance(m, DotProductAttention)}
+    if any(not issubclass(k, PackedDotProductAttention) for k in kinds):
+        return "mask"
+    return "rows" if kinds else "thd"
 
 
 def final_norm_spec(use_te: bool | None = None):

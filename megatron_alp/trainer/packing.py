@@ -3,14 +3,21 @@
 A micro-batch is one row of samples laid end to end (no padding between them), at most
 ``budget`` tokens (a sample longer than the budget travels alone). The model sees:
 
-- the THD format, ``PackedSeqParams`` with the samples' cumulative lengths (cu_seqlens), as
-  Megatron-Core 0.16.1 takes it in ``GPTModel.forward`` (see :func:`packed_seq_params`): on a GPU
-  Transformer Engine's attention, on the local spec our :class:`~megatron_alp.model.attention.
-  PackedDotProductAttention` (the same code path, tested here); RoPE restarts at every sample;
-- a model whose core attention takes no THD (a stock local ``DotProductAttention``): a
-  block-diagonal causal mask ``[1, 1, T, T]`` (True = masked, Megatron's convention) and position
-  ids restarting at 0 for every sample, so each sample attends only to its own past as in its
-  padded row.
+- on a GPU with Transformer Engine, the THD format: ``PackedSeqParams`` with the samples'
+  cumulative lengths (cu_seqlens), as Megatron-Core 0.16.1 takes it in ``GPTModel.forward`` (see
+  :func:`packed_seq_params`; RoPE restarts at every sample);
+- on the local spec, a block-diagonal causal mask given by its blocks
+  (:class:`~megatron_alp.model.attention.PackedRows`, :func:`packed_rows`), which the local
+  spec's :class:`~megatron_alp.model.attention.PackedDotProductAttention` attends in local windows
+  (cost linear in the row's length). That class takes the THD format too (tested here against
+  the padded rows, so the GPU path's Megatron side runs on a CPU); the mask is the CPU default
+  because Megatron's THD RoPE loops over the samples in Python, ~14% of a small model's update;
+- a model with Megatron's stock local ``DotProductAttention``: the dense mask ``[1, 1, T, T]``
+  (True = masked, Megatron's convention).
+
+Position ids restart at 0 for every sample. Outside THD, RoPE rotates by the position in the row
+(Megatron's rotary embedding ignores position ids); attention scores depend only on the distance
+between two tokens of one sample, so this is the padded row's attention up to fp32 rounding.
 
 Only the model forward and the vocabulary-sized log-prob op run on the packed row. Their per-token
 outputs (log-prob, entropy: one scalar per token) are scattered back to the samples' rows
@@ -197,3 +204,12 @@ def packed_seq_params(pack: PackedMicroBatch, device=None):
     max_len = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
                            max_seqlen_kv=max_len)
+
+
+def packed_rows(pack: PackedMicroBatch, device=None):
+    """The pack's block-diagonal causal mask by its blocks (:class:`~megatron_alp.model.attention.
+    PackedRows`) for the local spec's attention."""
+    from ..model.attention import PackedRows
+
+    cu = pack.cu_seqlens()
+    return PackedRows(cu.to(device), int((cu[1:] - cu[:-1]).max()))

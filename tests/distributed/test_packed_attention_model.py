@@ -1,7 +1,9 @@
-"""Packed micro-batches through the local spec's THD attention (model/attention.py) give the padded
-rows' log-probs, as the dense block-diagonal mask does (a model whose core attention is Megatron's
-stock ``DotProductAttention`` still packs that way); one process (gloo), TP=1. Tolerance: fp32
-round-off, atol 2e-5 on log-probs (RoPE angles of a long packed row differ in the last bits)."""
+"""Packed micro-batches through the local spec's attention (model/attention.py), by its PackedRows
+mask (the CPU default) and by the THD format (Megatron's packed_seq_params path, GPU's), give the
+padded rows' log-probs, as the dense block-diagonal mask does (a model whose core attention is
+Megatron's stock ``DotProductAttention`` still packs that way); one process (gloo), TP=1.
+Tolerance: fp32 round-off, atol 2e-5 on log-probs (RoPE angles of a packed row differ in the last
+bits)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _world(rank, world_size):
 
     from megatron_alp.model.attention import PackedDotProductAttention
     from megatron_alp.model.sharding import full_state_dict, load_full_state_dict
-    from megatron_alp.model.specs import final_norm_spec, takes_packed_sequences
+    from megatron_alp.model.specs import final_norm_spec, packing_mode
     from megatron_alp.trainer.setup import make_actor
 
     cfg = make_cfg(extra=["run.max_tokens_per_micro_batch=40"])
@@ -46,21 +48,23 @@ def _world(rank, world_size):
 
     stock = build(cfg, block_spec=stock_spec)
     load_full_state_dict(stock, full)
-    out = {"ours_thd": takes_packed_sequences([ours]), "stock_thd": takes_packed_sequences([stock]),
+    out = {"modes": (packing_mode([ours]), packing_mode([stock])),
            "ours_class": sum(isinstance(m, PackedDotProductAttention) for m in ours.modules())}
-    thd, mask = make_actor(cfg, [ours]), make_actor(cfg, [stock])
-    out["thd"], out["mask"] = thd.compute_logprobs(batch), mask.compute_logprobs(batch)
-    thd.max_tokens = 0
-    out["padded"] = thd.compute_logprobs(batch)
-    out["micro"] = len(thd._micro_batches(batch)), len(make_actor(cfg, [ours])._micro_batches(batch))
+    rows, mask = make_actor(cfg, [ours]), make_actor(cfg, [stock])
+    out["rows"], out["mask"] = rows.compute_logprobs(batch), mask.compute_logprobs(batch)
+    rows._packing = "thd"  # what a GPU with Transformer Engine gets: packed_seq_params
+    out["thd"] = rows.compute_logprobs(batch)
+    rows.max_tokens = 0
+    out["padded"] = rows.compute_logprobs(batch)
+    out["micro"] = len(rows._micro_batches(batch)), len(make_actor(cfg, [ours])._micro_batches(batch))
     return out
 
 
-def test_thd_packing_equals_the_mask_and_the_padded_rows():
+def test_packed_rows_and_thd_equal_the_dense_mask_and_the_padded_rows():
     res = run_world(_world, 1, timeout=300)[0]
-    assert res["ours_thd"] and not res["stock_thd"] and res["ours_class"] == 4
+    assert res["modes"] == ("rows", "mask") and res["ours_class"] == 4
     assert res["micro"][1] < N // 2  # the budget packs several samples per micro-batch
     m = _batch().loss_mask > 0
-    for name in ("thd", "mask"):
+    for name in ("rows", "thd", "mask"):
         torch.testing.assert_close(res[name][m], res["padded"][m], rtol=0, atol=2e-5, msg=name)
     assert res["padded"][m].abs().min() > 0
