@@ -7,11 +7,13 @@ metrics (trainer/updates.py ``run_updates``); and what ``bus/publish_s`` times: 
 disk-bus publication of the weights (sync/publish.py; the engines' load is not included).
 A synthetic batch shaped like the demo's (6-token prompts, 1-6 response tokens).
 
-    python -m bench.train_phase [--steps 12] [--nproc 2] [--baseline PATH]
+    python -m bench.train_phase [--steps 12] [--nproc 2] [--baseline-rev REV | --baseline PATH]
 
-``--baseline PATH``: a checkout of another revision (``git archive REV | tar -x -C PATH``); the
-two trees are measured alternately in the same run (one world each, interleaved ``--rounds``
-times) and the ratio baseline / this tree printed.
+``--baseline-rev REV`` (or ``--baseline PATH``, a checkout of it): another revision, extracted with
+``git archive`` (this file copied in, so a revision from before it works too); the two trees are
+measured alternately in the same run (one world each, interleaved ``--rounds`` times) and the
+ratio baseline / this tree printed. Wall seconds and rank 0's CPU seconds are both reported: on
+a shared machine the wall time includes waiting for the other rank to be scheduled.
 """
 
 from __future__ import annotations
@@ -112,14 +114,28 @@ def _in_tree(tree: str, nproc: int, steps: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def _extract(repo: str, rev: str) -> str:
+    """``rev``'s tree in a temporary directory, with this benchmark copied in."""
+    import shutil
+
+    out = tempfile.mkdtemp(prefix="bench-train-phase-base-")
+    archive = subprocess.run(["git", "-C", repo, "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
+    shutil.copy(os.path.abspath(__file__), os.path.join(out, "bench", "train_phase.py"))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--baseline", default=None, help="a checkout of the revision to compare with")
+    p.add_argument("--baseline-rev", default=None, help="a git revision to compare with (extracted to a temp dir)")
     args = p.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if args.baseline_rev:
+        args.baseline = _extract(here, args.baseline_rev)
     trees = {"this": here} if not args.baseline else {"baseline": os.path.abspath(args.baseline), "this": here}
     res = {k: {"train_s": [], "sync_s": [], "train_cpu": [], "sync_cpu": []} for k in trees}
     for _ in range(args.rounds):
