@@ -15,7 +15,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHES = ("alp_overhead", "logprob", "rollout", "prefix_cache", "convert", "bus", "step", "step_async", "pack", "peer")
+BENCHES = ("alp_overhead", "logprob", "rollout", "rollout_demo", "prefix_cache", "convert", "bus", "step", "step_async",
+           "pack", "peer")
 
 
 def main(argv=None) -> int:

@@ -235,6 +235,60 @@ class Fleet:
                     continue
                 return out
 
+    async def generate_batch(self, input_ids: Sequence[Sequence[int]], params: Sequence[Dict[str, Any]], *,
+                             return_logprob: bool = True) -> List[GenerateOutput]:
+        """Several prompts (a GRPO group) as one batch request to the least-loaded live engine (so a
+        group's shared prompt meets one prefix cache): :meth:`generate`'s failover, version check and
+        re-issue of aborted items, per batch. Through a router (or to clients without ``generate_batch``)
+        each prompt is its own request."""
+        if self._router is not None or not all(hasattr(e.client, "generate_batch") for e in self._engines):
+            return list(await asyncio.gather(*(self.generate(ids, p, return_logprob=return_logprob)
+                                               for ids, p in zip(input_ids, params, strict=True))))
+        results: List[Optional[GenerateOutput]] = [None] * len(input_ids)
+        todo = list(range(len(input_ids)))
+        async with self._sem:
+            aborts, failures, avoid = 0, 0, None
+            while todo:
+                await self._running.wait()
+                eng = self._pick(avoid)
+                issued_at = self.committed_version
+                eng.outstanding += len(todo)
+                try:
+                    outs = await eng.client.generate_batch([input_ids[i] for i in todo], [params[i] for i in todo],
+                                                           return_logprob=return_logprob)
+                except (EngineUnavailable, EngineHTTPError) as e:
+                    if isinstance(e, EngineHTTPError) and e.status < 500:
+                        raise
+                    await self._on_failure(eng, e)
+                    failures += 1
+                    if failures > 2 * len(self._engines):
+                        raise FleetExhausted(f"request failed on {failures} attempts; last: {e}") from e
+                    avoid = eng
+                    logger.warning("re-issuing a request that failed on %s (a batch of %d)", eng.client.url, len(todo))
+                    continue
+                finally:
+                    eng.outstanding -= len(todo)
+                eng.served += len(todo)
+                eng.consecutive_failures = 0
+                other = next((o.weight_version for o in outs if self.committed_version is not None and
+                              issued_at is not None and o.weight_version is not None and
+                              o.weight_version not in (self.committed_version, issued_at)), None)
+                if other is not None and eng.alive:
+                    self.drop(eng.client.url, f"answered with weight_version {other}, the fleet runs "
+                                              f"{self.committed_version}", keep_paused=False)
+                    continue
+                again = []
+                for i, out in zip(todo, outs, strict=True):
+                    if out.finish_reason == "abort" and aborts < self._max_abort_retries:
+                        again.append(i)  # aborted by a pause or an operator: re-issued after it
+                    else:
+                        results[i] = out
+                if again:
+                    aborts += 1
+                    await asyncio.sleep(0)
+                todo = again
+        return results  # type: ignore[return-value]
+
     def _remember(self, key: str, eng: _Engine) -> None:
         self._sticky[key] = eng
         self._sticky.move_to_end(key)

@@ -3,9 +3,11 @@
 The engine is anything with ``async generate(input_ids, sampling_params, rid=None)`` returning a
 :class:`rollout.engines.protocol.GenerateOutput`: a :class:`rollout.fleet.Fleet`, one
 :class:`rollout.engines.client.EngineClient`, or a scripted stand-in in tests. Each of the ``n``
-samples of a prompt is its own request (the fleet balances them; SGLang's radix cache shares the
-prompt). Sampling uses top-p = 1 unless configured otherwise; a lower top-p is logged as a
-warning because engines return full-distribution log-probs (ALGORITHMS.md, top-p note).
+samples of a prompt is its own engine request (SGLang's radix cache shares the prompt); a
+single-turn group is sent as one batch /generate when the engine has ``generate_batch`` (SGLang
+serves each item as its own request: the same samples, one HTTP round trip instead of ``n``), else
+as ``n`` requests. Sampling uses top-p = 1 unless configured otherwise; a lower top-p is logged as
+a warning because engines return full-distribution log-probs (ALGORITHMS.md, top-p note).
 """
 
 from __future__ import annotations
@@ -92,12 +94,31 @@ class RolloutGenerator:
                     engine.release()
         else:
             out = await self.engine.generate(s.prompt_ids, self.params(self.cfg.max_new_tokens, self.cfg.stop, sseed))
-            s.append(out.output_ids, out.logprobs, trainable=True)
-            s.finish_reason, s.weight_version = out.finish_reason, out.weight_version
-            s.weight_versions = [out.weight_version]
+            return await self._finish(prompt, s, out)
         s.response_text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
         s.reward = await self._score(prompt, s)
         return s
+
+    async def _finish(self, prompt: Prompt, s: Sample, out) -> Sample:
+        """A single-turn sample from its engine output, scored."""
+        s.append(out.output_ids, out.logprobs, trainable=True)
+        s.finish_reason, s.weight_version = out.finish_reason, out.weight_version
+        s.weight_versions = [out.weight_version]
+        s.response_text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
+        s.reward = await self._score(prompt, s)
+        return s
+
+    async def _group_batched(self, prompt: Prompt, group_id: int, seed: Optional[int]) -> List[Sample]:
+        """A single-turn group as one batch request (``engine.generate_batch``): the same samples,
+        seeds and parameters as :meth:`_one` per index, one HTTP round trip instead of ``n``."""
+        n = self.cfg.n_samples
+        samples = [Sample(prompt_ids=list(prompt.prompt_ids), group_id=group_id, index=i, label=prompt.label)
+                   for i in range(n)]
+        params = [self.params(self.cfg.max_new_tokens, self.cfg.stop,
+                              None if seed is None else sample_seed(seed, group_id, i, prompt.prompt_ids))
+                  for i in range(n)]
+        outs = await self.engine.generate_batch([s.prompt_ids for s in samples], params)
+        return list(await asyncio.gather(*(self._finish(prompt, s, o) for s, o in zip(samples, outs, strict=True))))
 
     async def _score(self, prompt: Prompt, s: Sample) -> float:
         meta = dict(prompt.metadata)
@@ -131,7 +152,10 @@ class RolloutGenerator:
         return await self._one(prompt, group_id, index, seed)
 
     async def generate_group(self, prompt: Prompt, group_id: int, seed: Optional[int] = None) -> List[Sample]:
-        """``cfg.n_samples`` samples of one prompt (one GRPO group)."""
+        """``cfg.n_samples`` samples of one prompt (one GRPO group); single-turn groups go to an engine
+        that has ``generate_batch`` (a Fleet, an EngineClient) as one batch request."""
+        if not self.cfg.multi_turn.enabled and self.cfg.n_samples > 1 and hasattr(self.engine, "generate_batch"):
+            return await self._group_batched(prompt, group_id, seed)
         return list(await asyncio.gather(*(self._one(prompt, group_id, i, seed) for i in range(self.cfg.n_samples))))
 
     async def generate(self, prompts: Sequence[Prompt], seed: Optional[int] = None) -> List[Sample]:

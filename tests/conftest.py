@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import megatron_alp  # noqa: F401 - first: installs the jit_fuser hook before a test module imports Megatron
+
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):

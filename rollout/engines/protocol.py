@@ -130,6 +130,22 @@ def generate_payload(input_ids: Sequence[int], params: Dict[str, Any], *, rid: O
     return body
 
 
+def generate_batch_payload(input_ids: Sequence[Sequence[int]], params: Sequence[Dict[str, Any]],
+                           rids: Sequence[str], *, return_logprob: bool = True) -> Dict[str, Any]:
+    """The JSON body of one non-streaming batch /generate request (SGLang's GenerateReqInput with
+    lists: item i is ``input_ids[i]`` with ``sampling_params[i]`` and ``rid[i]``; the engine serves
+    each item as its own request and answers a list in the same order)."""
+    if not (len(input_ids) == len(params) == len(rids)) or not input_ids:
+        raise ValueError(f"a batch needs as many prompts ({len(input_ids)}), sampling_params ({len(params)}) "
+                         f"and rids ({len(rids)}), at least one")
+    items = [generate_payload(ids, p, rid=r, return_logprob=return_logprob)
+             for ids, p, r in zip(input_ids, params, rids, strict=True)]
+    body = dict(items[0])
+    body.update(input_ids=[b["input_ids"] for b in items], sampling_params=[b["sampling_params"] for b in items],
+                rid=[b["rid"] for b in items])
+    return body
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

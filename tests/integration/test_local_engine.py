@@ -205,3 +205,24 @@ def test_generator_over_a_fleet_end_to_end(engine, cfg, model_dir):
         assert 1 <= len(s.response_ids) <= 6 and len(s.rollout_logprobs) == len(s.response_ids)
         assert s.loss_mask == [1] * len(s.response_ids) and s.weight_version == "0"
         assert all(lp <= 0 for lp in s.rollout_logprobs) and 0.0 <= s.reward <= 1.0
+
+
+def test_a_batch_request_serves_each_item_as_its_own_request(engine, hf):
+    """generate_batch (SGLang's list form): per-item seeds and params, answers in order, the same
+    samples as one request per item, log-probs those of the model."""
+    prompt = [5, 6, 7, 8]
+    params = [sampling_params(max_new_tokens=5, ignore_eos=True, sampling_seed=s, temperature=t)
+              for s, t in ((1, 1.0), (2, 1.0), (1, 1.0), (3, 0.7))]
+
+    async def main():
+        async with client(engine) as c:
+            batch = await c.generate_batch([prompt] * 4, params, rids=[f"b{i}" for i in range(4)])
+            singles = [await c.generate(prompt, p) for p in params]
+            return batch, singles
+
+    batch, singles = asyncio.run(main())
+    assert [o.output_ids for o in batch] == [o.output_ids for o in singles]
+    assert batch[0].output_ids == batch[2].output_ids  # the same seed, the same sample
+    assert batch[0].output_ids != batch[1].output_ids or batch[0].output_ids != batch[3].output_ids
+    for o, p in zip(batch, params, strict=True):
+        assert o.logprobs == pytest.approx(ref_logprobs(hf, prompt, o.output_ids, p["temperature"]), abs=1e-4)

@@ -22,14 +22,23 @@ CONFIG = str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml")
 pytestmark = pytest.mark.slow  # torchrun trainer runs (make test still runs them)
 
 
+PROMPTS_PER_STEP = 8
+
+
+def _overrides(assets, out, name, *overrides, steps=3):
+    """The config overrides (after ``--config CONFIG``) of a :func:`_train` run."""
+    return [f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
+            f"rollout.data.path={assets['data']}", f"run.output_root={out}", f"run.name={name}",
+            f"bus.dir={os.path.join(out, name, 'bus')}", f"run.steps={steps}",
+            f"run.prompts_per_step={PROMPTS_PER_STEP}", "run.micro_batch_size=4", "run.mini_batches_per_step=2",
+            "run.max_tokens_per_micro_batch=0", *overrides]
+
+
 def _train(assets, out, name, nproc, *overrides, steps=3):
     head = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = [*head, "-m", "megatron_alp.train", "--config", CONFIG,
-           f"model.hf_path={assets['hf']}", f"checkpoint.load={assets['mcore']}",
-           f"rollout.data.path={assets['data']}", f"run.output_root={out}", f"run.name={name}",
-           f"bus.dir={os.path.join(out, name, 'bus')}", f"run.steps={steps}", "run.prompts_per_step=8",
-           "run.micro_batch_size=4", "run.mini_batches_per_step=2", "run.max_tokens_per_micro_batch=0", *overrides]
+           *_overrides(assets, out, name, *overrides, steps=steps)]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

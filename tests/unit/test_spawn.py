@@ -10,6 +10,9 @@ from megatron_alp.runtime.spawn import WorkerError, run_world
 
 
 def _sum_ranks(rank, world_size):
+    import os
+    import sys
+
     import torch
     import torch.distributed as dist
 
@@ -18,6 +21,10 @@ def _sum_ranks(rank, world_size):
     init_distributed()
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)
+    # The forkserver preloads Megatron: without CUDA it must not have pulled torch.compile's stack in
+    # (runtime/jit_fuser.py: Megatron's torch.compile decorations imported torch._inductor's compiler).
+    kept = torch.cuda.is_available() or os.environ.get("MEGATRON_ALP_JIT_FUSER") == "1"  # Megatron's choice kept
+    assert kept or "torch._inductor.compile_fx" not in sys.modules
     return rank, world_size, t.item()
 
 

@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="largest prompt + max_new_tokens summed over one request's sequences (400 above)")
     p.add_argument("--prefix-cache-tokens", type=int, default=1 << 16,
                    help="tokens of prompt KV kept for prefix reuse (0 = off, like --disable-radix-cache)")
+    p.add_argument("--reference-paths", action="store_true",
+                   help="sample row by row, prefill every repeat, quantize every FP8 input alone: the plain "
+                        "paths the batched ones are checked against (bench.rollout_demo's baseline)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -53,7 +56,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     model = LocalModel(args.model, precision=args.precision, seed=args.random_seed,
-                       prefix_cache_tokens=args.prefix_cache_tokens)
+                       prefix_cache_tokens=args.prefix_cache_tokens, reference=args.reference_paths)
     scheduler = Scheduler(model, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
     info = {"served_model_name": args.served_model_name or args.model, "host": args.host, "port": args.port,
             "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,

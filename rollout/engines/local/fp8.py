@@ -73,26 +73,66 @@ def fake_quant_activation(x: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
     return dq.reshape(xp.shape)[..., :k].to(x.dtype)
 
 
+def fake_quant_activation_fast(x: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """:func:`fake_quant_activation` with fewer tensor ops (no zero padding, in-place steps), bitwise
+    equal to it: zero padding never changes a group's ``amax`` (the clamp floors an all-zero group
+    either way) and every element sees the same fp32 operations. A last, partial group (``K`` over
+    ``group`` and not a multiple of it) takes the reference path."""
+    k = x.shape[-1]
+    if k > group and k % group:
+        return fake_quant_activation(x, group)
+    xf = x.float() if x.dtype != torch.float32 else x.clone()
+    g = xf.view(*xf.shape[:-1], max(k // group, 1), min(k, group))
+    scale = g.abs().amax(dim=-1, keepdim=True).clamp_(min=_TINY).div_(FP8_MAX)
+    dq = g.div(scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float().mul_(scale)
+    return dq.view(x.shape).to(x.dtype)
+
+
 def fp8_linear_names(model: torch.nn.Module) -> List[str]:
     """Linear layers quantized in FP8 mode: those inside the decoder blocks."""
     return [name for name, mod in model.named_modules()
             if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}"]
 
 
-def _activation_hook(module, args):
-    return (fake_quant_activation(args[0]),) + tuple(args[1:])
+class _ActivationQuant:
+    """The forward pre-hook of every FP8 linear of one model. Linears fed the same tensor (q/k/v
+    projections, gate/up) share one quantization: the last input is remembered by identity and
+    version counter (an in-place change bumps the version), so it is recomputed only for a new input.
+    The remembered reference keeps that tensor alive, so identity cannot be reused by another."""
+
+    def __init__(self, reference: bool = False):
+        self.reference = reference  # every call quantizes with fake_quant_activation (the baseline)
+        self.last = None  # (input, its _version, quantized)
+
+    def __call__(self, module, args):
+        x = args[0]
+        if self.reference:
+            return (fake_quant_activation(x),) + tuple(args[1:])
+        last = self.last
+        if last is not None and last[0] is x and last[1] == x._version:
+            q = last[2]
+        else:
+            q = fake_quant_activation_fast(x)
+            self.last = (x, x._version, q)
+        return (q,) + tuple(args[1:])
+
+    def clear(self) -> None:
+        self.last = None
 
 
-def apply_fp8_emulation(model: torch.nn.Module) -> List[str]:
-    """Fake-quantize the decoder linear weights in place and hook their inputs. Returns the names."""
+def apply_fp8_emulation(model: torch.nn.Module, reference: bool = False) -> List[str]:
+    """Fake-quantize the decoder linear weights in place and hook their inputs. Returns the names.
+    ``reference``: the hook quantizes every input with :func:`fake_quant_activation` (no sharing)."""
     names = fp8_linear_names(model)
     modules = dict(model.named_modules())
+    hook = getattr(model, "_fp8_activation_quant", None) or _ActivationQuant(reference)
+    model._fp8_activation_quant = hook
     with torch.no_grad():
         for name in names:
             mod = modules[name]
             mod.weight.copy_(fake_quant_weight(mod.weight))
             if not getattr(mod, "_fp8_hooked", False):
-                mod.register_forward_pre_hook(_activation_hook)
+                mod.register_forward_pre_hook(hook)
                 mod._fp8_hooked = True
     logger.info("FP8 emulation on %d linear layers (128x128 e4m3 weights, 1x128 activations)", len(names))
     return names

@@ -36,6 +36,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, seq: Sequence[int]) -> bool:
+        return tuple(seq) in self._entries
+
     def match(self, seq: Sequence[int], limit: int, epoch: int) -> Tuple[int, Optional[KV]]:
         """The longest cached prefix of ``seq`` of at most ``limit`` tokens: (length, KV sliced to it)."""
         self.stats["lookups"] += 1

@@ -56,6 +56,17 @@ class Request:
     on_token: Optional[Any] = None  # called (worker thread) after each generated token, for streaming
 
 
+def _unfiltered(r: "Request", vocab: int) -> bool:
+    """A request sampled from the full distribution: temperature > 0, no top-k/top-p/min-p cut."""
+    return (r.temperature > GREEDY_EPS and r.top_p >= 1.0 and r.min_p <= 0.0
+            and (r.top_k <= 0 or r.top_k >= vocab))
+
+
+def _wants_input_logprobs(r: "Request") -> bool:
+    """The request asks for prompt log-probs (from ``logprob_start_len``) in this prefill."""
+    return r.return_logprob and r.logprob_start_len >= 0 and not r.output_ids
+
+
 @dataclass
 class Batch:
     """Rows decoding together: their requests, KV cache, mask, next positions and pending tokens."""
@@ -74,7 +85,7 @@ class LocalModel:
     """An HF causal LM held for generation (no grad), with the engine's precision applied."""
 
     def __init__(self, model_path: str, precision: str = "fp32", seed: int = 0,
-                 prefix_cache_tokens: int = 1 << 16):
+                 prefix_cache_tokens: int = 1 << 16, reference: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
         if precision not in DTYPES:
@@ -84,6 +95,9 @@ class LocalModel:
         self.weights_epoch = 0  # +1 per weight load: tells which weights computed a cached KV
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.precision = precision
+        # reference: the plain per-row paths (sampling row by row, every repeat prefilled), kept to
+        # check the batched ones against and as bench.rollout_demo's baseline; same results either way
+        self.reference = reference
         self.dtype = DTYPES[precision]
         config = AutoConfig.from_pretrained(model_path)
         quant = getattr(config, "quantization_config", None) or {}
@@ -100,7 +114,7 @@ class LocalModel:
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
         self.max_len = int(getattr(self.config, "max_position_embeddings", 4096))
-        self.fp8_names = apply_fp8_emulation(self.model) if precision == "fp8" else []
+        self.fp8_names = apply_fp8_emulation(self.model, reference) if precision == "fp8" else []
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         except Exception as e:  # a checkpoint without tokenizer serves input_ids only
@@ -183,21 +197,69 @@ class LocalModel:
     def _forward(self, ids, mask, pos, cache, all_logits: bool = False) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=0 if all_logits else 1)
+        quant = getattr(self.model, "_fp8_activation_quant", None)
+        if quant is not None:
+            quant.clear()  # release the last activation it remembered
         return out.logits.float()
 
     def _sample(self, logits: torch.Tensor, reqs: List[Request]) -> List[int]:
         """Sample one token per row; record log-probs with SGLang's semantics."""
         temps = torch.tensor([r.temperature if r.temperature > GREEDY_EPS else 1.0 for r in reqs])
         logp = torch.log_softmax(logits / temps[:, None], dim=-1)
-        tokens = []
+        tokens = [0] * len(reqs)
+        done = set() if self.reference else self._sample_plain(logp, reqs, tokens)
         for i, r in enumerate(reqs):
+            if i in done:
+                continue
             try:
-                tokens.append(self._sample_row(logits[i], logp[i], r))
+                tokens[i] = self._sample_row(logits[i], logp[i], r)
             except Exception as e:  # this request fails alone; its row samples nothing more
                 logger.exception("sampling failed for request %s", r.rid)
                 r.finish = {"type": "abort", "message": f"sampling failed: {type(e).__name__}: {e}"}
-                tokens.append(0)
+                tokens[i] = 0
         return tokens
+
+    def _sample_plain(self, logp: torch.Tensor, reqs: List[Request], tokens: List[int]) -> Set[int]:
+        """The rows without top-k / top-p / min-p filtering, drawn together (the rows it returns).
+
+        ``torch.multinomial(p, 1, generator=g)`` is ``argmax(p / q)`` with ``q = empty_like(p).exponential_(1, g)``
+        (ATen's single-sample path, aten/src/ATen/native/Distributions.cpp), after checking ``p``.
+        So each row draws its own ``q`` from its own generator, exactly as :meth:`_sample_row` would,
+        and one division and one argmax serve all rows: the same tokens and generator states as row
+        by row. A row multinomial would refuse (not finite, zero sum) is left to :meth:`_sample_row`,
+        which fails it alone without touching its generator, as before."""
+        vocab = logp.shape[-1]
+        rows = [i for i, r in enumerate(reqs) if _unfiltered(r, vocab)]
+        # rows without a generator of their own share the engine's: batch them only if no other row
+        # draws from it, so that its draws keep the row order of the row-by-row sampler
+        if any(r.generator is None and r.temperature > GREEDY_EPS and r.top_k != 1 and not _unfiltered(r, vocab)
+               for r in reqs):
+            rows = [i for i in rows if reqs[i].generator is not None]
+        if not rows:
+            return set()
+        probs = torch.empty(len(rows), vocab)
+        for j, i in enumerate(rows):
+            torch.exp(logp[i], out=probs[j])  # each row's own exp, as in _sample_row
+        ok = (torch.isfinite(probs).all(1) & (probs.sum(1) > 0)).tolist()
+        keep = [j for j in range(len(rows)) if ok[j]]
+        if len(keep) < len(rows):
+            probs, rows = probs[keep], [rows[j] for j in keep]
+        q = torch.empty_like(probs)
+        for j, i in enumerate(rows):
+            q[j].exponential_(1.0, generator=reqs[i].generator or self.generator)
+        drawn = torch.argmax(probs / q, dim=-1)
+        toks = drawn.tolist()
+        wants = [j for j, i in enumerate(rows) if reqs[i].return_logprob]
+        lps = logp[torch.tensor([rows[j] for j in wants], dtype=torch.long), drawn[wants]].tolist() if wants else []
+        for j, lp in zip(wants, lps, strict=True):
+            reqs[rows[j]].logprobs.append(lp)
+        for j, i in enumerate(rows):
+            tokens[i] = toks[j]
+            r = reqs[i]
+            if r.return_logprob and r.top_logprobs_num > 0:
+                v, ix = torch.topk(logp[i], min(r.top_logprobs_num, vocab))
+                r.top_logprobs.append([[float(a), int(b), None] for a, b in zip(v, ix, strict=True)])
+        return set(rows)
 
     def _sample_row(self, logits: torch.Tensor, logp: torch.Tensor, r: Request) -> int:
         if r.temperature <= GREEDY_EPS or r.top_k == 1:
@@ -242,17 +304,25 @@ class LocalModel:
     def prefill(self, reqs: List[Request]) -> Batch:
         """Prefill ``reqs`` and sample their first tokens (a retracted request resumes: its prompt
         plus what it generated is recomputed). With the prefix cache on, distinct sequences are
-        computed first and repeats of one sequence (a GRPO group) then reuse its KV."""
+        computed first and repeats of one sequence (a GRPO group) then reuse its KV: a repeat that
+        needs no prompt log-probs copies the row of its first occurrence (KV and last logits: the
+        prompt is computed once, as SGLang does for a shared prefix), the others are prefilled
+        again from the cached prefix."""
         if self.prefix_cache is None:
             return self._prefill(reqs, [(0, None)] * len(reqs))
         seqs = [tuple(r.input_ids + r.output_ids) for r in reqs]
-        first, rest, seen = [], [], set()
+        first, rest, row_of = [], [], {}
         for r, seq in zip(reqs, seqs, strict=True):
-            (rest if seq in seen else first).append(r)
-            seen.add(seq)
-        batch = self._prefill(first, [self._match(r) for r in first])
-        if rest:
-            batch = self.merge(batch, self._prefill(rest, [self._match(r) for r in rest]))
+            if seq in row_of:
+                rest.append((r, row_of[seq]))
+            else:
+                row_of[seq] = len(first)
+                first.append(r)
+        copies = [] if self.reference else [(r, i) for r, i in rest if not _wants_input_logprobs(r)]
+        again = [r for r, _ in rest] if self.reference else [r for r, _ in rest if _wants_input_logprobs(r)]
+        batch = self._prefill(first, [self._match(r) for r in first], copies)
+        if again:
+            batch = self.merge(batch, self._prefill(again, [self._match(r) for r in again]))
         return batch
 
     def _match(self, r: Request):
@@ -262,35 +332,37 @@ class LocalModel:
             limit = min(limit, r.logprob_start_len)
         return self.prefix_cache.match(seq, limit, self.weights_epoch)
 
-    def _prefill(self, reqs: List[Request], hits) -> Batch:
+    def _prefill(self, reqs: List[Request], hits, copies=()) -> Batch:
         """One forward for rows of (cached prefix KV, new tokens): row i is laid out as
-        [pad, cached L_i, pad, new S_i] with the padding masked, so every row ends at the last column."""
+        [pad, cached L_i, pad, new S_i] with the padding masked, so every row ends at the last column.
+        ``copies`` (request, row) are repeats of a row's sequence: they take that row's KV and last
+        logits after the forward, and what the prefix cache then holds for them."""
         seqs = [r.input_ids + r.output_ids for r in reqs]
         cached = [n for n, _ in hits]
         news = [len(q) - n for q, n in zip(seqs, cached, strict=True)]
         P, S = max(cached), max(news)
-        ids = torch.zeros(len(reqs), S, dtype=torch.long)
-        mask = torch.zeros(len(reqs), P + S, dtype=torch.long)
-        pos = torch.zeros(len(reqs), S, dtype=torch.long)
-        for i, (q, n, s) in enumerate(zip(seqs, cached, news, strict=True)):
-            ids[i, S - s:] = torch.tensor(q[n:])
-            mask[i, P - n:P] = 1
-            mask[i, P + S - s:] = 1
-            pos[i, S - s:] = torch.arange(n, n + s)
+        ids = torch.tensor([[0] * (S - s) + q[n:] for q, n, s in zip(seqs, cached, news, strict=True)])
+        mask = torch.tensor([[0] * (P - n) + [1] * n + [0] * (S - s) + [1] * s
+                             for n, s in zip(cached, news, strict=True)])
+        pos = torch.tensor([[0] * (S - s) + list(range(n, n + s)) for n, s in zip(cached, news, strict=True)])
         cache = self._cache_cls()
         if P:
             cache = self._cache_cls(ddp_cache_data=self._stack_prefix(hits, P))
-        want_input = any(r.return_logprob and r.logprob_start_len >= 0 and not r.output_ids for r in reqs)
+        want_input = any(_wants_input_logprobs(r) for r in reqs)
         logits = self._forward(ids, mask, pos, cache, all_logits=want_input)
         if want_input:
             self._input_logprobs(logits, reqs, cached, news, S)
         if self.prefix_cache is not None:
-            for i, (q, s) in enumerate(zip(seqs, news, strict=True)):
-                kv = [(torch.cat([layer.keys[i:i + 1, :, P - cached[i]:P], layer.keys[i:i + 1, :, P + S - s:]], 2),
-                       torch.cat([layer.values[i:i + 1, :, P - cached[i]:P], layer.values[i:i + 1, :, P + S - s:]], 2))
-                      for layer in cache.layers]
-                self.prefix_cache.insert(q, kv, self.weights_epoch)
-        toks = self._sample(logits[:, -1], reqs)
+            self._insert_prefixes(cache, seqs, cached, news, P, S)
+        last = logits[:, -1]
+        if copies:
+            idx = torch.tensor(list(range(len(reqs))) + [row for _, row in copies])
+            cache.batch_select_indices(idx)
+            mask, last = mask[idx], last[idx]
+            reqs = list(reqs) + [r for r, _ in copies]
+            seqs += [r.input_ids + r.output_ids for r, _ in copies]
+            cached += [self._match(r)[0] for r, _ in copies]  # as a prefill from the cache would report
+        toks = self._sample(last, reqs)
         for r, t, n in zip(reqs, toks, cached, strict=True):
             if not r.output_ids:
                 r.cached_tokens = n
@@ -303,6 +375,20 @@ class LocalModel:
             else:
                 self._append(r, t)
         return Batch(reqs, cache, mask, torch.tensor([len(q) for q in seqs]), torch.tensor(toks))
+
+    def _insert_prefixes(self, cache, seqs, cached, news, P: int, S: int) -> None:
+        """Each computed row's whole KV (cached part and new part, without padding) into the cache."""
+        for i, (q, n, s) in enumerate(zip(seqs, cached, news, strict=True)):
+            if q in self.prefix_cache:
+                continue
+            if n:
+                kv = [(torch.cat([layer.keys[i:i + 1, :, P - n:P], layer.keys[i:i + 1, :, P + S - s:]], 2),
+                       torch.cat([layer.values[i:i + 1, :, P - n:P], layer.values[i:i + 1, :, P + S - s:]], 2))
+                      for layer in cache.layers]
+            else:
+                kv = [(layer.keys[i:i + 1, :, P + S - s:], layer.values[i:i + 1, :, P + S - s:])
+                      for layer in cache.layers]
+            self.prefix_cache.insert(q, kv, self.weights_epoch)
 
     def _stack_prefix(self, hits, P: int):
         """The cached KV of each row, left-padded with zeros to ``P`` positions, stacked per layer."""
