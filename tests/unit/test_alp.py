@@ -144,8 +144,9 @@ def test_noise_is_not_saved_for_backward():
 def test_small_noise_kept_for_backward_and_chunks_give_the_same_values(monkeypatch):
     """A small layer's noise is kept from forward to backward (perturb.KEEP_NOISE_ELEMENTS), a big
     one's generated again, in chunks of CHUNK_ELEMENTS: the same output and gradients."""
-    h0 = torch.randn(40, 2, 32)
-    w = torch.randn(40, 2, 32)
+    g = torch.Generator().manual_seed(3)
+    h0 = torch.randn(40, 2, 32, generator=g)
+    w = torch.randn(40, 2, 32, generator=g)
 
     def run():
         p = _pert(sigma=0.2)
@@ -165,8 +166,10 @@ def test_small_noise_kept_for_backward_and_chunks_give_the_same_values(monkeypat
     for other in (regenerated, chunked):
         torch.testing.assert_close(other[0], kept[0], rtol=0, atol=0)  # elementwise: the same noise
         torch.testing.assert_close(other[1], kept[1], rtol=0, atol=0)
-        torch.testing.assert_close(other[2], kept[2], rtol=1e-6, atol=0)  # a sum: chunked order
-    assert kept[2].abs() > 0
+    torch.testing.assert_close(regenerated[2], kept[2], rtol=0, atol=0)  # one chunk: the same sum
+    # sigma's gradient sums 2560 fp32 products; in 7-row chunks the order differs (fp32 round-off)
+    torch.testing.assert_close(chunked[2], kept[2], rtol=1e-5, atol=1e-6)
+    assert kept[2].abs() > 1e-3
 
 
 def test_token_noise_equals_the_scalar_definition():
