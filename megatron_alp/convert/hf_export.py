@@ -3,14 +3,16 @@ used by the converter (:mod:`.pipeline`) and the checkpoint bus (:mod:`megatron_
 
 Who does what (collective over each TP group; data-parallel replicas hold the same weights):
 
-- ranks with DP rank 0 (context-parallel rank 0 included) *export*: for each parameter of their
-  model chunks, in order, every TP rank takes part in :func:`gather_full` (an all-gather over TP
-  that also strips the padded vocabulary rows); TP rank 0 then maps the full tensor to its HF
+- ranks with DP rank 0 (context-parallel rank 0 included) *export*: for the parameters of their
+  model chunks, in order and in batches of at most ``GATHER_BATCH_BYTES`` of shards, every TP
+  rank takes part in :func:`gather_full_many` (one all-gather over TP per batch, which also strips
+  the padded vocabulary rows); TP rank 0 then maps each full tensor to its HF
   tensors with the converter's :class:`~megatron_alp.convert.mapping.WeightMap` (QKV
   de-interleave, gate/up split, tied output layer and ALP's sigma left out) and yields them;
 - other DP replicas export nothing.
 
-So a rank holds at most one full parameter, never the whole model: each pipeline stage exports
+So a rank holds at most one batch of shards and its full tensors, never the whole model of a
+large model (a batch is bounded; a bigger parameter is gathered alone): each pipeline stage exports
 its own layers (global layer indices) and the caller decides where they go.
 """
 
@@ -21,7 +23,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 
 from ..model.alp.params import is_alp_param
-from ..model.sharding import gather_full, named_global_parameters, unwrap
+from ..model.sharding import gather_full_many, named_global_parameters, unwrap
 from .mapping import WeightMap
 
 
@@ -44,14 +46,35 @@ def iter_hf_tensors(model_chunks: Sequence, weight_map: WeightMap, vocab_size: i
     exports, writes = export_role()
     if not exports:
         return
+    for batch in _gather_batches(model_chunks, weight_map):
+        fulls = gather_full_many(batch, vocab_size)
+        if not writes:
+            continue
+        for (full_name, p), full in zip(batch, fulls, strict=True):
+            for hf_name, t in weight_map.megatron_to_hf(full_name, full, p):
+                yield hf_name, (t.to(dtype) if dtype is not None and t.dtype != dtype else t)
+
+
+# Shards all-gathered at once: a small model's whole export is one collective; a big model's
+# parameters still go one (or a few) at a time, so a rank never holds much more than that.
+GATHER_BATCH_BYTES = 32 << 20
+
+
+def _gather_batches(model_chunks: Sequence, weight_map: WeightMap):
+    """Consecutive exported (name, parameter) lists of one dtype and at most GATHER_BATCH_BYTES of
+    local shards each (a bigger parameter alone)."""
+    batch, size = [], 0
     for chunk in model_chunks:
         for full_name, p in named_global_parameters(unwrap(chunk)):
             if is_alp_param(full_name, p):
                 continue  # trainer-only, and identical on every TP rank: no gather needed
             if full_name == "output_layer.weight" and weight_map.model.tie_embeddings:
                 continue  # the tied copy: HF reads the embedding (WeightMap maps it to nothing)
-            full = gather_full(full_name, p, vocab_size)
-            if not writes:
-                continue
-            for hf_name, t in weight_map.megatron_to_hf(full_name, full, p):
-                yield hf_name, (t.to(dtype) if dtype is not None and t.dtype != dtype else t)
+            nbytes = p.numel() * p.element_size()
+            if batch and (size + nbytes > GATHER_BATCH_BYTES or p.dtype != batch[0][1].dtype):
+                yield batch
+                batch, size = [], 0
+            batch.append((full_name, p))
+            size += nbytes
+    if batch:
+        yield batch

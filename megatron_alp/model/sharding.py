@@ -18,7 +18,7 @@ Used by the invariance tests, the converter and the weight export.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -155,6 +155,33 @@ def gather_full(name: str, p: torch.Tensor, vocab_size: Optional[int] = None, tp
     if name in _VOCAB_PARAMS and vocab_size is not None:
         t = t.narrow(getattr(meta, "partition_dim", 0), 0, vocab_size)
     return t
+
+
+def gather_full_many(named: List[Tuple[str, torch.Tensor]], vocab_size: Optional[int] = None,
+                     tp_group=None) -> List[torch.Tensor]:
+    """:func:`gather_full` of several parameters (one dtype) in one all-gather over TP: their
+    shards laid end to end in one buffer (the caller bounds its size). The same tensors, one
+    collective instead of one per parameter (what a small model's export is bound by)."""
+    from megatron.core import parallel_state as ps
+
+    sharded = [p for _, p in named if _is_tp_sharded(p)]
+    group = tp_group if tp_group is not None else (ps.get_tensor_model_parallel_group() if sharded else None)
+    size = dist.get_world_size(group) if group is not None else 1
+    if size == 1 or len(sharded) < 2:
+        return [gather_full(name, p, vocab_size, tp_group=tp_group) for name, p in named]
+    flat = torch.cat([p.detach().reshape(-1) for p in sharded])
+    buf = torch.empty((size, flat.numel()), dtype=flat.dtype, device=flat.device)
+    dist.all_gather(list(buf.unbind(0)), flat, group=group)
+    out, offset = [], 0
+    for name, p in named:
+        t = p.detach()
+        if _is_tp_sharded(p):
+            t = unshard_gathered(buf[:, offset:offset + p.numel()].reshape(size, *p.shape).contiguous(), p)
+            offset += p.numel()
+        if name in _VOCAB_PARAMS and vocab_size is not None:
+            t = t.narrow(getattr(p, "partition_dim", 0), 0, vocab_size)
+        out.append(t)
+    return out
 
 
 def full_state_dict(model, vocab_size: Optional[int] = None, grads: bool = False,

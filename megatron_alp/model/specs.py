@@ -37,16 +37,20 @@ def stock_layer_spec(model_cfg, use_te: bool | None = None):
 
 
 def _with_sp_capable_norms(spec):
-    """Copy of the local spec whose Apex-less norms (``WrappedTorchNorm``) become our RMSNorm.
+    """Copy of the local spec whose Apex-less norms (``WrappedTorchNorm``) become our RMSNorm, and
+    whose core attention takes packed sequences.
 
-    The only change: sequence parallelism works (see :mod:`megatron_alp.model.norm`). The QK norms
-    act on TP-sharded heads, not on sequence slices, so Megatron reduces them by name; they are
-    swapped too only to keep one norm class.
+    The norms: sequence parallelism works (see :mod:`megatron_alp.model.norm`). The QK norms act on
+    TP-sharded heads, not on sequence slices, so Megatron reduces them by name; they are swapped
+    too only to keep one norm class. The core attention: the stock ``DotProductAttention`` plus the
+    THD format (:mod:`megatron_alp.model.attention`), unchanged without packing.
     """
     import copy
 
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from .attention import PackedDotProductAttention
     from .norm import RMSNorm
 
     spec = copy.deepcopy(spec)
@@ -59,7 +63,25 @@ def _with_sp_capable_norms(spec):
         for slot in ("q_layernorm", "k_layernorm"):
             if getattr(attn, slot, None) is WrappedTorchNorm:
                 setattr(attn, slot, RMSNorm)
+        if getattr(attn, "core_attention", None) is DotProductAttention:
+            attn.core_attention = PackedDotProductAttention
     return spec
+
+
+def packing_mode(model_chunks) -> str:
+    """How a packed micro-batch reaches this model's core attention: ``"rows"`` (the local spec's
+    :class:`~megatron_alp.model.attention.PackedDotProductAttention`: a
+    :class:`~megatron_alp.model.attention.PackedRows` mask), ``"mask"`` (Megatron's stock local
+    ``DotProductAttention``: a dense block-diagonal causal mask ``[1, 1, T, T]``) or ``"thd"``
+    (Transformer Engine's attention: ``PackedSeqParams``)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from .attention import PackedDotProductAttention
+
+    kinds = {type(m) for c in model_chunks for m in c.modules() if isinstance(m, DotProductAttention)}
+    if any(not issubclass(k, PackedDotProductAttention) for k in kinds):
+        return "mask"
+    return "rows" if kinds else "thd"
 
 
 def final_norm_spec(use_te: bool | None = None):

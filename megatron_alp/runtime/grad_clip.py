@@ -36,10 +36,9 @@ def grad_norm(params: Iterable[torch.Tensor], model_parallel_group=None, count_n
     params = list(params)
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     total = torch.zeros(2 if count_nonfinite else 1, dtype=torch.float64)
-    for p in params:
-        g = _grad(p)
-        if g is not None and _counted_once(p, tp_rank):
-            total[0] += g.detach().double().pow(2).sum()
+    counted = [g.detach() for p in params if (g := _grad(p)) is not None and _counted_once(p, tp_rank)]
+    if counted:  # one fp64 norm per tensor in one call (what torch.nn.utils.clip_grad_norm_ uses)
+        total[0] = torch.stack(torch._foreach_norm(counted, 2.0, dtype=torch.float64)).square().sum()
     if count_nonfinite:
         total[1] = float(_nonfinite(params))
     group = model_parallel_group
@@ -79,8 +78,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, model_parall
     if max_norm > 0 and math.isfinite(norm) and not bad:
         coeff = max_norm / (norm + 1e-6)
         if coeff < 1.0:
-            for p in params:
-                g = _grad(p)
-                if g is not None:
-                    g.mul_(coeff)
+            grads = [g for p in params if (g := _grad(p)) is not None]
+            if grads:
+                torch._foreach_mul_(grads, coeff)
     return (norm, bad) if count_nonfinite else norm

@@ -27,11 +27,11 @@ import torch.distributed as dist
 from ..algo.metrics import compute_metrics
 from ..algo.objectives import aggregate, effective_mask, kl_penalty, normalizer_count, token_losses
 from ..model.alp import alp_forward, token_codes
-from ..model.specs import have_transformer_engine
+from ..model.specs import packing_mode
 from ..ops.logprob import vocab_parallel_logprobs
 from ..runtime.device import any_rank, collective_tensor, to_device
 from .batch import RLBatch
-from .packing import PackedMicroBatch, make_packs, packed_seq_params, packs_needed, sample_lengths
+from .packing import PackedMicroBatch, make_packs, packed_rows, packed_seq_params, packs_needed, sample_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Actor:
         self.temperature = temperature
         self.max_tokens = run.max_tokens_per_micro_batch  # packing budget (0: padded micro-batches)
         self.pad_multiple = pad_multiple  # sequence padding multiple (TP under SP, x16 under FP8)
-        self._thd = torch.cuda.is_available() and have_transformer_engine()  # packed: THD on TE, else a mask
+        self._packing = packing_mode(model_chunks)  # how a pack reaches the attention: thd, rows or mask
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -103,9 +103,11 @@ class Actor:
             if isinstance(mb, PackedMicroBatch):  # packs are laid out on the CPU
                 tokens = tokens.to(mb.rows.tokens.device)
                 pos = mb.positions.to(tokens.device)
-                if self._thd:
+                if self._packing == "thd":
                     kwargs["packed_seq_params"] = packed_seq_params(mb, tokens.device)
                     mask = None
+                elif self._packing == "rows":
+                    mask = packed_rows(mb, tokens.device)
                 else:
                     mask = mb.attention_mask().to(tokens.device)
             else:
@@ -284,10 +286,10 @@ def _token_codes(mb) -> torch.Tensor:
     so a token is perturbed alike padded or packed, in any micro-batch, on any DP rank. A batch
     without ``sample_ids`` uses its row numbers (then the identity is only local to this batch)."""
     if isinstance(mb, PackedMicroBatch):
-        ids = _sample_ids(mb.rows)
+        used = sum(mb.lengths)
+        ids = torch.repeat_interleave(_sample_ids(mb.rows).cpu(), torch.tensor(mb.lengths))
         codes = torch.full(mb.tokens.shape, -1, dtype=torch.int64)  # the end padding: never counted
-        for k, (s, n) in enumerate(zip(mb.starts, mb.lengths, strict=True)):
-            codes[0, s:s + n] = token_codes(ids[k].expand(n), torch.arange(n))
+        codes[0, :used] = token_codes(ids, mb.positions[0, :used].cpu())
         return codes
     n, L = mb.tokens.shape
     return token_codes(_sample_ids(mb)[:, None].expand(n, L), torch.arange(L)[None].expand(n, L))

@@ -105,6 +105,26 @@ class Optimizer:
             for c in model_chunks:
                 c.config.grad_scale_func = self.megatron.scale_loss
         _mark_reduced_grad_owners(model_chunks, self._chained())
+        self._params: Optional[List[torch.Tensor]] = None
+        self._prefer_foreach()
+
+    def _prefer_foreach(self) -> None:
+        """On CPU, torch's Adam defaults to one Python-level update per tensor; its ``foreach``
+        implementation (torch's default on GPUs) gives the same values (bitwise, checked in
+        tests/distributed/test_alp_optimizer.py) in a few calls over all tensors. Re-applied after a
+        state load, which restores the saved groups' flags."""
+        if self.on_gpu:
+            return
+        for o in self._chained():
+            inner = getattr(o, "optimizer", None)
+            if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+                for group in inner.param_groups:
+                    group["foreach"] = True
+
+    def _trained_params(self) -> List[torch.Tensor]:
+        if self._params is None:  # what requires a gradient is fixed when the model is built
+            self._params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
+        return self._params
 
     def zero_grad(self) -> None:
         for c in self.chunks:
@@ -122,8 +142,7 @@ class Optimizer:
             # check (data-parallel ranks hold identical reduced gradients: the same answer on every
             # rank); Megatron's step would all-reduce a norm of its own that nothing uses (its clip
             # is off here), so its two halves are called directly (MegatronOptimizer.step minus that).
-            params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
-            norm, bad = clip_grad_norm(params, self.clip, count_nonfinite=True)
+            norm, bad = clip_grad_norm(self._trained_params(), self.clip, count_nonfinite=True)
             if bad:
                 return False, math.nan
             if not math.isfinite(norm):
@@ -135,8 +154,7 @@ class Optimizer:
         if not self.has_scaler and grads_nonfinite(self.chunks):
             return False, math.nan
         if not self.on_gpu:
-            params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
-            norm = clip_grad_norm(params, self.clip)
+            norm = clip_grad_norm(self._trained_params(), self.clip)
             if not torch.isfinite(torch.tensor(norm)):
                 return False, norm
         ok, norm_m, _ = self.megatron.step()
@@ -164,14 +182,14 @@ class Optimizer:
     def load_state_dict(self, state) -> None:
         if "subs" not in state:  # written before per-sub-optimizer saving (CPU runs only: plain optimizer)
             self.megatron.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            return
-        subs = self._chained()
-        if len(state["subs"]) != len(subs):
-            raise ValueError(f"optimizer state has {len(state['subs'])} sub-optimizers, this run {len(subs)}")
-        for o, entry in zip(subs, state["subs"], strict=True):
-            load_sub(o, entry)
+        else:
+            subs = self._chained()
+            if len(state["subs"]) != len(subs):
+                raise ValueError(f"optimizer state has {len(state['subs'])} sub-optimizers, this run {len(subs)}")
+            for o, entry in zip(subs, state["subs"], strict=True):
+                load_sub(o, entry)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._prefer_foreach()
 
 
 def _mark_reduced_grad_owners(chunks, subs) -> None:

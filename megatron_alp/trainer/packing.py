@@ -3,12 +3,21 @@
 A micro-batch is one row of samples laid end to end (no padding between them), at most
 ``budget`` tokens (a sample longer than the budget travels alone). The model sees:
 
-- CPU / local spec: a block-diagonal causal mask ``[1, 1, T, T]`` (True = masked, Megatron's
-  convention) and position ids restarting at 0 for every sample, so each sample attends only to
-  its own past exactly as in its padded row;
-- GPU / Transformer Engine: the THD format, ``PackedSeqParams`` with the samples' cumulative
-  lengths (cu_seqlens), as Megatron-Core 0.16.1 takes it in ``GPTModel.forward`` (see
-  :func:`packed_seq_params`; not testable without CUDA and TE).
+- on a GPU with Transformer Engine, the THD format: ``PackedSeqParams`` with the samples'
+  cumulative lengths (cu_seqlens), as Megatron-Core 0.16.1 takes it in ``GPTModel.forward`` (see
+  :func:`packed_seq_params`; RoPE restarts at every sample);
+- on the local spec, a block-diagonal causal mask given by its blocks
+  (:class:`~megatron_alp.model.attention.PackedRows`, :func:`packed_rows`), which the local
+  spec's :class:`~megatron_alp.model.attention.PackedDotProductAttention` attends in local windows
+  (cost linear in the row's length). That class takes the THD format too (tested here against
+  the padded rows, so the GPU path's Megatron side runs on a CPU); the mask is the CPU default
+  because Megatron's THD RoPE loops over the samples in Python, ~14% of a small model's update;
+- a model with Megatron's stock local ``DotProductAttention``: the dense mask ``[1, 1, T, T]``
+  (True = masked, Megatron's convention).
+
+Position ids restart at 0 for every sample. Outside THD, RoPE rotates by the position in the row
+(Megatron's rotary embedding ignores position ids); attention scores depend only on the distance
+between two tokens of one sample, so this is the padded row's attention up to fp32 rounding.
 
 Only the model forward and the vocabulary-sized log-prob op run on the packed row. Their per-token
 outputs (log-prob, entropy: one scalar per token) are scattered back to the samples' rows
@@ -22,9 +31,10 @@ stages. The padding is a block of its own (it attends only to itself) and carrie
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
-from typing import List, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -87,6 +97,7 @@ class PackedMicroBatch:
     starts: List[int]  # where each sample begins in the row
     lengths: List[int]
     dummy: bool = False  # filler to reach the micro-batch count agreed across DP (loss mask 0)
+    _occupied: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return 1
@@ -96,12 +107,15 @@ class PackedMicroBatch:
         return self.tokens.shape[1]
 
     def cu_seqlens(self) -> torch.Tensor:
-        """Cumulative sample lengths [n + 2] int32, the end padding counted as one more sequence."""
+        """Cumulative sample lengths [n + 1 + pieces] int32. The end padding counts as more
+        sequences, each no longer than the longest sample (attention on a packed row costs the
+        square of its longest sequence: model/attention.py)."""
         edges = [0]
         for n in self.lengths:
             edges.append(edges[-1] + n)
-        if edges[-1] < self.total:
-            edges.append(self.total)
+        piece = max(self.lengths)
+        while edges[-1] < self.total:
+            edges.append(min(self.total, edges[-1] + piece))
         return torch.tensor(edges, dtype=torch.int32)
 
     def attention_mask(self) -> torch.Tensor:
@@ -114,14 +128,20 @@ class PackedMicroBatch:
         causal = torch.ones(self.total, self.total, dtype=torch.bool).tril()
         return ~(same & causal)[None, None]
 
+    def occupied(self) -> torch.Tensor:
+        """[n, L] bool: token j of sample k is in the pack (j < its length). Row-major, its True
+        entries are the pack's first ``sum(lengths)`` tokens in order."""
+        if self._occupied is None:
+            L = self.rows.tokens.shape[1]
+            self._occupied = torch.arange(L)[None] < torch.tensor(self.lengths)[:, None]
+        return self._occupied
+
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Per-token values [1, T] (or [T]) -> the samples' rows [n, L] (0 outside each sample)."""
         flat = packed.reshape(-1)
-        L = self.rows.tokens.shape[1]
-        out = flat.new_zeros(len(self.lengths), L)
-        for k, (s, n) in enumerate(zip(self.starts, self.lengths, strict=True)):
-            out[k, :n] = flat[s:s + n]
-            out[k, 0] = 0  # position 0 of a sample is predicted from the previous sample: never counted
+        occupied = self.occupied().to(flat.device)
+        out = flat.new_zeros(occupied.shape).masked_scatter(occupied, flat[:sum(self.lengths)])
+        out[:, 0] = 0  # position 0 of a sample is predicted from the previous sample: never counted
         return out
 
 
@@ -131,17 +151,18 @@ def pack_rows(rows, lengths: Sequence[int], total: int, pad_id: int = 0, dummy: 
     used = sum(lengths)
     if used > total:
         raise ValueError(f"{used} tokens do not fit a packed row of {total}")
+    L = rows.tokens.shape[1]
+    occupied = torch.arange(L)[None] < torch.tensor(list(lengths))[:, None]
     tokens = torch.full((1, total), pad_id, dtype=torch.long)
-    positions = torch.zeros((1, total), dtype=torch.long)
-    starts, s = [], 0
-    for k, n in enumerate(lengths):
-        tokens[0, s:s + n] = rows.tokens[k, :n]
-        positions[0, s:s + n] = torch.arange(n)
-        starts.append(s)
-        s += n
-    positions[0, s:] = torch.arange(total - s)
-    return PackedMicroBatch(rows=rows, index=list(index), tokens=tokens, positions=positions, starts=starts,
+    tokens[0, :used] = rows.tokens.cpu()[occupied]
+    positions = torch.arange(total)
+    positions[:used] = torch.arange(L).expand(len(lengths), L)[occupied]
+    positions[used:] -= used  # the end padding counts from 0 too
+    starts = [0, *itertools.accumulate(lengths)][:-1]
+    pack = PackedMicroBatch(rows=rows, index=list(index), tokens=tokens, positions=positions[None], starts=starts,
                             lengths=list(lengths), dummy=dummy)
+    pack._occupied = occupied
+    return pack
 
 
 def make_packs(batch, budget: int, count: int, pad_multiple: int = 1) -> List[PackedMicroBatch]:
@@ -170,11 +191,12 @@ def packs_needed(batch, budget: int) -> int:
 
 
 def packed_seq_params(pack: PackedMicroBatch, device=None):
-    """Megatron-Core 0.16.1's ``PackedSeqParams`` for a THD forward (Transformer Engine attention).
+    """Megatron-Core 0.16.1's ``PackedSeqParams`` for a THD forward (Transformer Engine's attention
+    on a GPU, model/attention.py's on the local spec).
 
     Written against megatron/core/packed_seq_params.py (qkv_format, cu_seqlens_q/kv,
-    max_seqlen_q/kv); the CPU path uses :meth:`PackedMicroBatch.attention_mask` instead. Untested
-    here: it needs CUDA and Transformer Engine.
+    max_seqlen_q/kv). Without CUDA it runs through the local spec (tests/distributed); with
+    Transformer Engine only on a GPU (tests/gpu).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -182,3 +204,12 @@ def packed_seq_params(pack: PackedMicroBatch, device=None):
     max_len = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
                            max_seqlen_kv=max_len)
+
+
+def packed_rows(pack: PackedMicroBatch, device=None):
+    """The pack's block-diagonal causal mask by its blocks (:class:`~megatron_alp.model.attention.
+    PackedRows`) for the local spec's attention."""
+    from ..model.attention import PackedRows
+
+    cu = pack.cu_seqlens()
+    return PackedRows(cu.to(device), int((cu[1:] - cu[:-1]).max()))

@@ -63,3 +63,50 @@ def test_fixed_sigma_does_not_move():
     groups, before, after = run_world(_world, 1, args=(False,), timeout=200)[0]
     assert not any(g["n_sigma"] for g in groups), "a fixed sigma must not be handed to the optimizer"
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def _foreach_world(rank, world_size):
+    from megatron_alp.config import load_config
+    from megatron_alp.config.loader import CONFIG_ROOT
+    from megatron_alp.model.builder import build_gpt_model
+    from megatron_alp.runtime.distributed import init_parallel_state
+    from megatron_alp.trainer.optim import Optimizer, wrap_ddp
+
+    cfg = load_config(CONFIG_ROOT / "model" / "tiny.yaml", ["optimizer.lr=1e-2", "optimizer.clip_grad=0.05"])
+    init_parallel_state(cfg.parallel, cfg.model, seed=0)
+    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel, cfg.precision))
+    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16)[None].expand(2, -1)
+    out = {}
+    for foreach in (True, False):
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(start[k])
+        opt = Optimizer([model], cfg.optimizer)
+        flags = {g.get("foreach") for g in opt.megatron.param_groups}
+        if not foreach:
+            for g in opt.megatron.param_groups:
+                g["foreach"] = False
+        norms = []
+        for _ in range(3):
+            opt.zero_grad()
+            model(tokens, pos, None).float().pow(2).mean().backward()
+            model.finish_grad_sync()
+            norms.append(opt.step()[1])
+        opt.load_state_dict(opt.state_dict())
+        moved = any(not torch.equal(p, start[k]) for k, p in model.named_parameters())
+        reloaded = {g.get("foreach") for g in opt.megatron.param_groups}
+        out[foreach] = {"flags": flags, "moved": moved, "reloaded": reloaded,
+                        "norms": norms, "weights": {k: p.detach().clone() for k, p in model.named_parameters()}}
+    return out
+
+
+def test_cpu_adam_runs_foreach_with_the_same_values():
+    """On CPU the optimizer runs torch's foreach Adam (also after a state load): bitwise the same
+    weights as the per-tensor loop, with gradient clipping active."""
+    out = run_world(_foreach_world, 1, timeout=200)[0]
+    assert out[True]["flags"] == {True} and out[True]["reloaded"] == {True} and out[True]["moved"]
+    assert out[True]["norms"] == out[False]["norms"] and out[True]["norms"][0] > 0.05  # clipped
+    for k, v in out[True]["weights"].items():
+        assert torch.equal(v, out[False]["weights"][k]), k

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from megatron_alp.config import AlpConfig
-from megatron_alp.model.alp import alp_forward, current_context, perturbed_layers
-from megatron_alp.model.alp.noise import derive_key, gaussian_rows, global_rows
+from megatron_alp.model.alp import alp_forward, current_context, perturb, perturbed_layers
+from megatron_alp.model.alp.noise import (
+    _fmix32_int,
+    derive_key,
+    gaussian_codes,
+    gaussian_rows,
+    global_rows,
+    token_codes,
+)
 from megatron_alp.model.alp.perturb import Perturbation, _AddScaledNoise
 from megatron_alp.runtime.cpu_support import apply_cpu_support
 
@@ -122,15 +129,65 @@ def test_gradcheck_float64():
 
 def test_noise_is_not_saved_for_backward():
     p = _pert()
-    h = torch.randn(64, 2, 32, requires_grad=True)
+    h = torch.randn(64, 4, 300, requires_grad=True)  # above KEEP_NOISE_ELEMENTS
+    assert h.numel() > perturb.KEEP_NOISE_ELEMENTS
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         with alp_forward(1, 0):
             out = p(h)
-    # Only log-sigma (1) and the row indices (64) are kept: nothing of the [64, 2, 32] noise.
-    assert sum(saved) <= 1 + 64
+    # Only log-sigma (1) and the row indices (64) are kept: nothing of the [64, 4, 300] noise.
+    assert sum(saved) <= 1 + 64 and out.grad_fn.xi is None
     out.sum().backward()
     assert h.grad is not None and p.log_sigma.grad is not None
+
+
+def test_small_noise_kept_for_backward_and_chunks_give_the_same_values(monkeypatch):
+    """A small layer's noise is kept from forward to backward (perturb.KEEP_NOISE_ELEMENTS), a big
+    one's generated again, in chunks of CHUNK_ELEMENTS: the same output and gradients."""
+    g = torch.Generator().manual_seed(3)
+    h0 = torch.randn(40, 2, 32, generator=g)
+    w = torch.randn(40, 2, 32, generator=g)
+
+    def run():
+        p = _pert(sigma=0.2)
+        h = h0.clone().requires_grad_()
+        with alp_forward(4, 1):
+            out = p(h)
+        kept = out.grad_fn.xi is not None
+        (out * w).sum().backward()
+        return out.detach(), h.grad, p.log_sigma.grad, kept
+
+    kept = run()
+    monkeypatch.setattr(perturb, "KEEP_NOISE_ELEMENTS", 0)
+    regenerated = run()
+    monkeypatch.setattr(perturb, "CHUNK_ELEMENTS", 7 * 64)  # 7 rows per chunk
+    chunked = run()
+    assert kept[3] and not regenerated[3] and not chunked[3]
+    for other in (regenerated, chunked):
+        torch.testing.assert_close(other[0], kept[0], rtol=0, atol=0)  # elementwise: the same noise
+        torch.testing.assert_close(other[1], kept[1], rtol=0, atol=0)
+    torch.testing.assert_close(regenerated[2], kept[2], rtol=0, atol=0)  # one chunk: the same sum
+    # sigma's gradient sums 2560 fp32 products; in 7-row chunks the order differs (fp32 round-off)
+    torch.testing.assert_close(chunked[2], kept[2], rtol=1e-5, atol=1e-6)
+    assert kept[2].abs() > 1e-3
+
+
+def test_token_noise_equals_the_scalar_definition():
+    """gaussian_codes (table-driven Box-Muller, int32 tensor hashing) against the definition in
+    noise.py's docstring computed per element with Python integers and float64."""
+    codes = token_codes(torch.tensor([0, 5, 2**31 - 1, -3]), torch.tensor([0, 7, 3, 2**20]))
+    width, key = 6, derive_key(9, 8, 7)
+    got = gaussian_codes(codes, width, key)
+    golden = 0x9E3779B9
+    for i, c in enumerate(codes.tolist()):
+        lo, hi = c & 0xFFFFFFFF, (c >> 32) & 0xFFFFFFFF
+        h = _fmix32_int(_fmix32_int(lo ^ (key & 0xFFFFFFFF)) ^ _fmix32_int(hi))
+        for k in range(width // 2):
+            a = _fmix32_int(h + k * golden)
+            r = math.sqrt(-2 * math.log(((a & 0xFFFF) + 0.5) / 65536))
+            theta = (a >> 16) * 2 * math.pi / 65536
+            assert got[i, k].item() == pytest.approx(r * math.cos(theta), rel=1e-5, abs=1e-6)
+            assert got[i, k + width // 2].item() == pytest.approx(r * math.sin(theta), rel=1e-5, abs=1e-6)
 
 
 def test_sigma_gradient_matches_finite_difference():

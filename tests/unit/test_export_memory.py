@@ -62,7 +62,7 @@ def test_tied_output_layer_is_not_gathered(monkeypatch):
     monkeypatch.setattr(export, "export_role", lambda: (True, True))
     monkeypatch.setattr(export, "named_global_parameters",
                         lambda m: [("embedding.word_embeddings.weight", emb), ("output_layer.weight", out)])
-    monkeypatch.setattr(export, "gather_full", lambda n, p, v: gathered.append(n) or p)
+    monkeypatch.setattr(export, "gather_full_many", lambda batch, v: [gathered.append(n) or p for n, p in batch])
     for tied in (True, False):
         gathered.clear()
         wm = types.SimpleNamespace(model=types.SimpleNamespace(tie_embeddings=tied),

@@ -23,7 +23,7 @@ DP rank. The actor uses it for every policy update.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -80,21 +80,44 @@ def gaussian_rows(rows: torch.Tensor, row_size: int, key: int, total_rows: int) 
 
 
 def _box_muller(a: torch.Tensor, row_size: int) -> torch.Tensor:
-    """[R, row_size / 2] hashed int32 -> [R, row_size] fp32 normals (cosine half, sine half)."""
-    half = row_size // 2
-    u1 = (a & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
-    theta = (a >> 16).bitwise_and_(0xFFFF).to(torch.float32).mul_(2.0 * math.pi / 65536.0)
-    r = u1.log_().mul_(-2.0).sqrt_()
-    out = torch.empty(a.shape[0], row_size, dtype=torch.float32, device=a.device)
-    torch.mul(r, torch.cos(theta), out=out[:, :half])
-    torch.mul(r, theta.sin_(), out=out[:, half:])
+    """[R, row_size / 2] hashed int32 -> [R, row_size] fp32 normals (cosine half, sine half).
+
+    The low 16 bits u give the radius sqrt(-2 ln((u + 0.5) / 2^16)), the high 16 bits v the angle
+    2 pi v / 2^16. Each has 2^16 values, so both come from tables (:func:`_tables`) computed once
+    with the same fp32 operations: the same numbers as computing them per element, in far fewer
+    operations (what a small model's step is bound by)."""
+    rows, half = a.shape[0], row_size // 2
+    radius, cos_sin = _tables(a.device)
+    flat = a.reshape(-1)
+    r = torch.index_select(radius, 0, flat & 0xFFFF).view(rows, half, 1)
+    cs = torch.index_select(cos_sin, 0, (flat >> 16).bitwise_and_(0xFFFF)).view(rows, half, 2)
+    out = torch.empty(rows, row_size, dtype=torch.float32, device=a.device)
+    torch.mul(r, cs, out=out.view(rows, 2, half).transpose(1, 2))  # cosines, then sines
     return out
 
 
-def _int32(x: torch.Tensor) -> torch.Tensor:
-    """The low 32 bits of int64 values as (wrapped) int32."""
-    x = x & _MASK32
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+_TABLES: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+_STEPS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _tables(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Box-Muller's radius [2^16] and (cosine, sine) [2^16, 2] for every 16-bit value (768 KiB)."""
+    tables = _TABLES.get(device)
+    if tables is None:
+        k = torch.arange(65536, dtype=torch.float32, device=device)
+        radius = (k + 0.5).mul_(1.0 / 65536.0).log_().mul_(-2.0).sqrt_()
+        theta = k.mul(2.0 * math.pi / 65536.0)
+        tables = _TABLES[device] = (radius, torch.stack([torch.cos(theta), torch.sin(theta)], dim=1))
+    return tables
+
+
+def _golden_steps(half: int, device: torch.device) -> torch.Tensor:
+    """[half] int32: k * 0x9E3779B9 (wrapping), the per-element offsets of :func:`gaussian_codes`."""
+    steps = _STEPS.get((half, device))
+    if steps is None:
+        golden = -1640531527  # 0x9E3779B9 as a signed int32
+        steps = _STEPS[(half, device)] = torch.arange(half, dtype=torch.int32, device=device) * golden
+    return steps
 
 
 def token_codes(sample_ids: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
@@ -108,10 +131,12 @@ def gaussian_codes(codes: torch.Tensor, width: int, key: int) -> torch.Tensor:
     if width % 2:
         raise ValueError(f"ALP token noise needs an even width (hidden size), got {width}")
     half = width // 2
-    h = _fmix32(_int32(codes).bitwise_xor_(key))
-    h = _fmix32(h.bitwise_xor_(_fmix32(_int32(codes >> 32))))
-    golden = -1640531527  # 0x9E3779B9 as a signed int32
-    idx = h[:, None] + torch.arange(half, dtype=torch.int32, device=codes.device) * golden  # wraps
+    codes = codes.to(torch.int64)
+    # .to(int32) keeps the low 32 bits (two's complement wrap) on CPU and CUDA; a new tensor, so
+    # the in-place hashing below never touches ``codes``.
+    h = _fmix32(codes.to(torch.int32).bitwise_xor_(key))
+    h = _fmix32(h.bitwise_xor_(_fmix32((codes >> 32).to(torch.int32))))
+    idx = h[:, None] + _golden_steps(half, codes.device)  # wraps
     return _box_muller(_fmix32(idx), width)
 
 

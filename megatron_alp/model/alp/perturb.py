@@ -3,8 +3,11 @@
 - Active only inside :func:`alp_forward` (the actor's policy-update forward, with the step and
   micro-batch index); everywhere else (rollout export, pi_old recomputation, the reference model,
   evaluation) the module is the identity.
-- The noise is never stored: :class:`_AddScaledNoise` keeps only the integer key and regenerates
-  xi in backward (counter-based noise, :mod:`.noise`), so ALP's activation memory is ~zero.
+- The noise is not stored: :class:`_AddScaledNoise` keeps only the integer key and regenerates
+  xi in backward (counter-based noise, :mod:`.noise`), so ALP's activation memory is ~zero. The
+  one exception is a small layer input (at most ``KEEP_NOISE_ELEMENTS``, 256 KiB of fp32): there
+  generating the noise costs a fixed few dozen tensor operations whatever its size, which is what
+  a small model's step is bound by, so the forward's noise is kept for backward (the same values).
 - Activation recomputation: the ALP context (active, step, micro-batch) is kept as an entry of
   Megatron's RNG-tracker states. Megatron's ``CheckpointFunction`` saves those states at the first
   forward and restores them before recomputing, so a recomputed layer sees the context of its
@@ -27,8 +30,12 @@ logger = logging.getLogger(__name__)
 
 CONTEXT_STATE = "alp-context"
 TOKENS_STATE = "alp-token-codes"  # [b, s] token identities (noise.token_codes) of the micro-batch
-# Rows of noise generated at once (bounds the transient int32/fp32 buffers to ~ this many rows).
-ROWS_PER_CHUNK = 256
+# Noise generated at once: bounds the transient int32/fp32 buffers to ~4 MiB each (256 rows of a
+# 4096-wide hidden state).
+CHUNK_ELEMENTS = 1 << 20
+# A layer's noise of at most this many elements (256 KiB in fp32) is kept from forward to backward
+# instead of being generated again (see the module docstring).
+KEEP_NOISE_ELEMENTS = 1 << 16
 
 
 def _tracker():
@@ -78,7 +85,7 @@ def alp_forward(step: int, micro_batch: int, token_codes: Optional[torch.Tensor]
 
 
 class _AddScaledNoise(torch.autograd.Function):
-    """out = h + exp(log_sigma) * xi(key); xi regenerated in backward, never saved."""
+    """out = h + exp(log_sigma) * xi(key); xi regenerated in backward (kept only when small)."""
 
     @staticmethod
     def forward(ctx, h, log_sigma, key: int, rows: torch.Tensor, total_rows: int, codes=None):
@@ -86,9 +93,12 @@ class _AddScaledNoise(torch.autograd.Function):
         acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         sigma = log_sigma.detach().to(acc_dtype).exp()
         out = torch.empty_like(h)
-        for sl in chunks(h.shape[0], ROWS_PER_CHUNK):
-            xi = noise_like(h[sl], rows[sl], key, total_rows, None if codes is None else codes[sl]).to(acc_dtype)
-            torch.add(h[sl], xi.mul_(sigma).to(h.dtype), out=out[sl])
+        ctx.xi = None
+        for sl in chunks(h.shape[0], _rows_per_chunk(h)):
+            xi = noise_like(h[sl], rows[sl], key, total_rows, None if codes is None else codes[sl])
+            if h.numel() <= KEEP_NOISE_ELEMENTS:  # one chunk: kept for backward (module docstring)
+                ctx.xi = xi
+            torch.add(h[sl], xi.to(acc_dtype).mul(sigma).to(h.dtype), out=out[sl])
         ctx.key, ctx.total_rows, ctx.codes = key, total_rows, codes
         ctx.save_for_backward(log_sigma, rows)
         return out
@@ -101,13 +111,20 @@ class _AddScaledNoise(torch.autograd.Function):
             acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
             sigma = log_sigma.detach().to(acc_dtype).exp()
             acc = torch.zeros((), dtype=acc_dtype, device=grad_out.device)
-            for sl in chunks(grad_out.shape[0], ROWS_PER_CHUNK):
-                codes = None if ctx.codes is None else ctx.codes[sl]
-                xi = noise_like(grad_out[sl], rows[sl], ctx.key, ctx.total_rows, codes).to(acc_dtype)
-                acc += (grad_out[sl].to(acc_dtype) * xi).sum()
+            for sl in chunks(grad_out.shape[0], _rows_per_chunk(grad_out)):
+                xi = ctx.xi
+                if xi is None:
+                    codes = None if ctx.codes is None else ctx.codes[sl]
+                    xi = noise_like(grad_out[sl], rows[sl], ctx.key, ctx.total_rows, codes)
+                acc += (grad_out[sl].to(acc_dtype) * xi.to(acc_dtype)).sum()
             # d out / d log_sigma = sigma * xi
             grad_log_sigma = (acc * sigma).to(log_sigma.dtype).reshape(log_sigma.shape)
+        ctx.xi = None
         return grad_out, grad_log_sigma, None, None, None, None
+
+
+def _rows_per_chunk(h: torch.Tensor) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, math.prod(h.shape[1:])))
 
 
 class Perturbation(torch.nn.Module):
