@@ -11,7 +11,7 @@ are medians over the steps after the first (warm-up).
   ``num_generations=8``: one 128-sample generation per 4 optimizer steps), one process, in a
   subprocess of its own; the RL step is timed between the ends of every 4th optimizer step
   (a ``TrainerCallback``). Its loss is TRL's GRPO (pi/pi_old clip), ours Token-ALP.
-- Ours: ``python -m megatron_alp.train`` under torchrun (the demo's 2 trainer processes, TP=2,
+- Ours: ``python -m megatron_alp.train`` under torchrun (the demo's 2 trainer processes, data-parallel,
   a local rollout engine process), ``perf/step_seconds`` from its TensorBoard log; the run at
   the demo config's own settings and one per ``--variant NAME=OVERRIDES``.
 
@@ -36,6 +36,7 @@ import sys
 import tempfile
 
 from megatron_alp.config.loader import CONFIG_ROOT
+from megatron_alp.demo import TRAINER_PROCS
 
 REPO = os.path.dirname(str(CONFIG_ROOT))
 DEMO = CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml"
@@ -49,7 +50,7 @@ def _demo_settings():
     return {"prompts": cfg.run.prompts_per_step, "samples": cfg.rollout.n_samples,
             "updates": cfg.run.mini_batches_per_step,
             "new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature, "lr": cfg.optimizer.lr,
-            "clip": cfg.optimizer.clip_grad, "seed": cfg.run.seed, "nproc": cfg.parallel.tp * cfg.parallel.pp}
+            "clip": cfg.optimizer.clip_grad, "seed": cfg.run.seed, "nproc": TRAINER_PROCS}
 
 
 def trl_missing() -> str:

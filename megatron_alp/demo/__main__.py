@@ -21,6 +21,7 @@ import sys
 import time
 
 from ..config.loader import CONFIG_ROOT
+from . import TRAINER_PROCS
 from .assets import REPO, run_cmd
 
 logger = logging.getLogger("megatron_alp.demo")
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(REPO, "demo_out"), help="work directory (recreated)")
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: the config's)")
     p.add_argument("--warm-steps", type=int, default=55, help="supervised warm-start steps")
-    p.add_argument("--nproc", type=int, default=2, help="trainer processes")
+    p.add_argument("--nproc", type=int, default=TRAINER_PROCS, help="trainer processes")
     p.add_argument("--config", default=str(CONFIG_ROOT / "experiments" / "demo_tiny_cpu.yaml"))
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for the trainer")
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ from bench import peer
 
 def test_trl_side_reads_the_demo_settings_from_its_config():
     s = peer._demo_settings()
-    # configs/experiments/demo_tiny_cpu.yaml: 16 prompts x 8 samples, 4 updates, 6 new tokens, TP=2
+    # configs/experiments/demo_tiny_cpu.yaml: 16 prompts x 8 samples, 4 updates, 6 new tokens; 2 processes
     assert (s["prompts"], s["samples"], s["updates"], s["new_tokens"], s["nproc"]) == (16, 8, 4, 6, 2)
     assert s["lr"] == 3.0e-4 and s["clip"] == 1.0 and s["temperature"] == 1.0
 

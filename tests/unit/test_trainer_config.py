@@ -15,18 +15,19 @@ BASE = ["model.hf_path=/nonexistent", "rollout.data.path=/nonexistent"]
 def test_demo_config_passes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_and_check(DEMO, BASE)
-    assert cfg.alp.enabled and cfg.parallel.tp == 2
+    assert cfg.alp.enabled and cfg.parallel.tp == 1  # two processes are DP=2 (the demo)
 
 
 def test_batch_must_split_over_dp_and_micro_batches(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")  # tp 2 -> dp 2
+    tp2 = BASE + ["parallel.tp=2"]
     with pytest.raises(ValueError, match=r"do not split into run.mini_batches_per_step = 3"):
-        load_and_check(DEMO, BASE + ["run.mini_batches_per_step=3"])
+        load_and_check(DEMO, tp2 + ["run.mini_batches_per_step=3"])
     with pytest.raises(ValueError, match=r"run.micro_batch_size = 5"):
-        load_and_check(DEMO, BASE + ["run.micro_batch_size=5"])
+        load_and_check(DEMO, tp2 + ["run.micro_batch_size=5"])
     with pytest.raises(ValueError, match=r"world size 3 is not divisible"):
         monkeypatch.setenv("WORLD_SIZE", "3")
-        load_and_check(DEMO, BASE)
+        load_and_check(DEMO, tp2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")
