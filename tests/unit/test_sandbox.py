@@ -168,11 +168,14 @@ def test_output_is_capped_and_errors_are_reported(make_cfg):
     assert "sandbox_child" not in err.stderr  # only the tool's own frames
 
 
-def test_the_caller_is_unharmed(tmp_path, make_cfg):
+def test_the_caller_is_unharmed(tmp_path, make_cfg, monkeypatch):
     import signal
 
     cwd, env_keys = os.getcwd(), set(os.environ)
-    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("rollout-tool-")}
+    # The private directories THIS test's runs make (another xdist worker's sandbox runs make their
+    # own under the same /tmp at the same time, so a listing of /tmp before and after cannot tell).
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
     signalled = []
     previous = signal.signal(signal.SIGUSR1, lambda *a: signalled.append(a))
     try:
@@ -192,8 +195,8 @@ def test_the_caller_is_unharmed(tmp_path, make_cfg):
     assert len(big) == 512 * 1024 * 1024
     del big
     assert ctypes.sizeof(ctypes.c_int) == 4  # and so is ctypes, refused only in the child
-    after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("rollout-tool-")}
-    assert after <= before  # every private directory was removed
+    assert len(made) == 4 and all(os.path.basename(d).startswith("rollout-tool-") for d in made), made
+    assert not [d for d in made if os.path.exists(d)]  # every private directory was removed
 
 
 def test_concurrent_runs(make_cfg):
