@@ -29,14 +29,12 @@ demo: $(STAMP)
 # Two pytest-xdist workers: most of the suite waits (engines starting, SLURM jobs, processes
 # joining worlds), so two workers overlap the waits on 2 cores. --dist loadscope keeps a module's
 # tests on one worker, so its module-scoped fixtures (a SLURM cluster and its jobs, a converted
-# checkpoint) are built once; the longest end-to-end runs are split across modules for balance, and
-# the modules with slow tests are handed out first (tests/conftest.py; --no-loadscope-reorder keeps
-# that order: xdist's default would hand out the modules with the most tests first).
+# checkpoint) are built once; the longest end-to-end runs are split across modules for balance.
 # (Not --dist loadgroup: with pytest 9.2 xdist 3.8's group suffix no longer reaches the node id.)
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
 	@start=$$(date +%s); \
-	$(PY) -m pytest tests -m "not scale" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder; rc=$$?; \
+	$(PY) -m pytest tests -m "not scale" -n $(TEST_WORKERS) --dist loadscope; rc=$$?; \
 	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-unit: $(STAMP)

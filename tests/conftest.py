@@ -36,24 +36,3 @@ def tiny_assets(tmp_path_factory):
         record.write_text(json.dumps(assets))
         return assets
 
-
-
-
-def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first (stable otherwise), for `make test`'s two xdist workers.
-
-    With ``--dist loadscope`` each worker takes whole modules from a queue in this order (`make test`
-    passes ``--no-loadscope-reorder``: xdist's default sorts modules by their NUMBER of tests, which
-    put the few-but-long end-to-end modules last, where one worker ran them alone after the other
-    had finished). Longest first keeps both workers busy to the end, and the many short unit
-    modules fill the tail. Among the slow modules those that run whole jobs (tests/slurm,
-    tests/integration: trainers, engines, SLURM) go first. Only the order changes, never which
-    tests run.
-    """
-    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") is not None}
-
-    def rank(item):
-        jobs = any(part in ("slurm", "integration") for part in item.path.parts[-3:-1])
-        return (item.module.__name__ not in slow, not jobs)
-
-    items.sort(key=rank)  # list.sort is stable: a module's tests keep their order
