@@ -4,6 +4,7 @@ lifetime (signals left to the trainer, PR_SET_PDEATHSIG). End to end: tests/inte
 import asyncio
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -148,10 +149,45 @@ PARENT = textwrap.dedent("""
 
 def _parent(mode, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", PARENT, mode, str(tmp_path / "log")], stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
-    line = proc.stdout.readline()
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    line = proc.stdout.readline().decode()
     assert line.startswith("pids"), line
     return proc, [int(p) for p in line.split()[1:]]
+
+
+def _proc_state(pid):
+    """The kernel's view of a process (run state, pending/blocked/ignored/caught signal masks,
+    where it sleeps): what a hung parent is doing, for the failure message."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            keep = ("State", "Threads", "SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+            lines = [line.strip() for line in f if line.split(":")[0] in keep]
+        with open(f"/proc/{pid}/wchan") as f:
+            lines.append(f"wchan: {f.read()}")
+    except OSError as e:
+        return f"pid {pid}: {e}"
+    return f"pid {pid}: " + "; ".join(lines)
+
+
+def _exit_output(proc, pids, timeout=60):
+    """Wait for ``proc`` to exit, then return what it printed. Waits on the process, not on EOF of
+    its stdout (a process forked elsewhere meanwhile could hold the pipe's write end); a parent that
+    does not exit fails with its signal state and its children's."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        state = "\n".join(_proc_state(p) for p in [proc.pid, *pids])
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the parent did not exit within {timeout} s of SIGTERM:\n{state}")
+    out = b""
+    while select.select([proc.stdout], [], [], 1.0)[0]:  # exited: what it wrote is in the pipe
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        out += chunk
+    proc.stdout.close()
+    return out.decode()
 
 
 def _gone(pid, timeout=20):
@@ -171,7 +207,7 @@ def _gone(pid, timeout=20):
 def test_signal_stops_servers_only_when_not_left_to_the_caller(tmp_path, mode, alive):
     proc, pids = _parent(mode, tmp_path)
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0]
+    out = _exit_output(proc, pids)
     assert f"server alive at our handler: {alive}" in out
     assert all(_gone(p) for p in pids)
 
