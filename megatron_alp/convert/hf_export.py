@@ -24,6 +24,7 @@ import torch
 
 from ..model.alp.params import is_alp_param
 from ..model.sharding import gather_full_many, named_global_parameters, unwrap
+from ..runtime.buckets import buckets
 from .mapping import WeightMap
 
 
@@ -46,7 +47,7 @@ def iter_hf_tensors(model_chunks: Sequence, weight_map: WeightMap, vocab_size: i
     exports, writes = export_role()
     if not exports:
         return
-    for batch in _gather_batches(model_chunks, weight_map):
+    for batch in buckets(_exported_parameters(model_chunks, weight_map), GATHER_BATCH_BYTES, one_dtype=True):
         fulls = gather_full_many(batch, vocab_size)
         if not writes:
             continue
@@ -60,21 +61,12 @@ def iter_hf_tensors(model_chunks: Sequence, weight_map: WeightMap, vocab_size: i
 GATHER_BATCH_BYTES = 32 << 20
 
 
-def _gather_batches(model_chunks: Sequence, weight_map: WeightMap):
-    """Consecutive exported (name, parameter) lists of one dtype and at most GATHER_BATCH_BYTES of
-    local shards each (a bigger parameter alone)."""
-    batch, size = [], 0
+def _exported_parameters(model_chunks: Sequence, weight_map: WeightMap):
+    """(Megatron name, local parameter) of every parameter the export writes, in model order."""
     for chunk in model_chunks:
         for full_name, p in named_global_parameters(unwrap(chunk)):
             if is_alp_param(full_name, p):
                 continue  # trainer-only, and identical on every TP rank: no gather needed
             if full_name == "output_layer.weight" and weight_map.model.tie_embeddings:
                 continue  # the tied copy: HF reads the embedding (WeightMap maps it to nothing)
-            nbytes = p.numel() * p.element_size()
-            if batch and (size + nbytes > GATHER_BATCH_BYTES or p.dtype != batch[0][1].dtype):
-                yield batch
-                batch, size = [], 0
-            batch.append((full_name, p))
-            size += nbytes
-    if batch:
-        yield batch
+            yield full_name, p

@@ -39,7 +39,8 @@ from rollout.bus.manifest import BusError, Manifest
 from ..convert.hf_config import hf_config_for_export, read_hf_config
 from ..convert.hf_export import export_role, iter_hf_tensors
 from ..convert.mapping import WeightMap
-from .export import EXPORT_DTYPES, buckets
+from ..runtime.buckets import buckets
+from .export import EXPORT_DTYPES
 from .order import exporter_ranks, order_group, send_in_order
 
 logger = logging.getLogger(__name__)
