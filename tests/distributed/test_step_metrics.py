@@ -60,7 +60,7 @@ def _world(rank, world_size):
     model.eval()
     plain = _plain_logprobs(model, local.tokens)  # before any update: the unperturbed pi_old
     model.train()
-    local.base_logp = actor.compute_logprobs(local)  # what train.py does when pi_old is not recomputed
+    local.base_logp = actor.compute_logprobs(local)  # what the loop does when pi_old is not recomputed
     per_update, record = [], []
     for k, mb in enumerate(mini_batches(local, UPDATES)):
         per_update.append(actor.train_step(mb, step=k, record=record))

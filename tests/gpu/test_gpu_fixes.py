@@ -41,7 +41,7 @@ def _samples(n=4, seed=0):
 
 
 def _driver_batch(cfg):
-    """What train.py hands the actor: collate (CPU tensors) then dp_shard."""
+    """What the loop hands the actor: collate (CPU tensors) then dp_shard."""
     from megatron.core import parallel_state as ps
 
     from megatron_alp.trainer.batching import collate, dp_shard, seq_pad_multiple

@@ -71,6 +71,16 @@ def test_config_error_through_the_entry_point_is_one_line():
     assert lines == ["config error: parallel.tp must be >= 1, got 0"], out.stderr
 
 
+def test_the_entry_point_module_imports_neither_torch_nor_megatron():
+    # The reward pool's spawned workers import the launching module (megatron_alp.train) as their
+    # __mp_main__: the trainer's imports there cost each worker seconds of CPU and hundreds of MB.
+    code = ("import sys, megatron_alp.train; "
+            "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("field", ["run.output_root", "checkpoint.dir", "bus.dir"])
 def test_output_dirs_that_are_files_are_refused_at_load(tmp_path, field):
     from megatron_alp.trainer.setup import _check_output_dirs

@@ -41,7 +41,7 @@ _SCRIPT = textwrap.dedent("""
 
     hook._after_exec = _after_exec
 
-    import megatron_alp.train  # noqa: F401 - everything a trainer rank imports
+    import megatron_alp.trainer.loop  # noqa: F401 - everything a trainer rank imports
     from megatron_alp.model.alp import alp_forward
     from megatron_alp.runtime.distributed import init_distributed
     from tests.distributed.layouts import batch, build, ce_loss, make_cfg, positions
