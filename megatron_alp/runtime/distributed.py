@@ -26,8 +26,9 @@ DEFAULT_PG_TIMEOUT_MINUTES = 30.0
 def init_distributed(timeout_minutes: float = DEFAULT_PG_TIMEOUT_MINUTES) -> None:
     """Initialise the default process group from the torchrun environment (idempotent).
 
-    Without ``WORLD_SIZE`` in the environment a single-process group is created on a free local
-    port, so library code can always assume torch.distributed is initialised.
+    Without ``WORLD_SIZE`` in the environment a single-process group is created (its store on a
+    port the OS picks at bind time), so library code can always assume torch.distributed is
+    initialised.
     """
     if dist.is_initialized():
         return
@@ -36,16 +37,20 @@ def init_distributed(timeout_minutes: float = DEFAULT_PG_TIMEOUT_MINUTES) -> Non
         from .cpu_support import apply_cpu_support
 
         apply_cpu_support()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = None
     if "WORLD_SIZE" not in os.environ:
-        from .spawn import free_port
-
-        os.environ.update(
-            {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
-        )
+        # The store binds port 0 (the OS picks a free one as it binds): a port chosen first and bound
+        # later can be taken in between by another process (a parallel run starting its engines).
+        store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timeout)
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "RANK": "0", "WORLD_SIZE": "1"})
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
     logger.info("torch.distributed up: backend=%s rank=%d world=%d", backend, dist.get_rank(), dist.get_world_size())
 
 

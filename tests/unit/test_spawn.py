@@ -93,3 +93,31 @@ def test_a_taken_master_port_starts_the_world_again(monkeypatch):
     finally:
         taken.close()
     assert len(chosen) == 2 and chosen[0] == taken_port != chosen[1]
+
+
+SINGLE_RANK = """
+import socket, torch, torch.distributed as dist
+import megatron_alp.runtime.spawn as spawn
+from megatron_alp.runtime.distributed import init_distributed
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+spawn.free_port = lambda host="127.0.0.1": taken.getsockname()[1]  # another process got there first
+init_distributed()
+t = torch.ones(2)
+dist.all_reduce(t)
+print(dist.get_world_size(), int(t.sum()), flush=True)
+"""
+
+
+def test_single_process_group_binds_its_own_free_port():
+    # Without WORLD_SIZE, init_distributed makes a one-rank group. A port chosen ahead (free_port) can
+    # be taken before the store binds it; the store binds port 0 instead, so a taken port is no matter.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", SINGLE_RANK], capture_output=True, text=True, timeout=120,
+                         env=dict(env, PYTHONPATH=os.getcwd()))
+    assert out.returncode == 0 and out.stdout.split() == ["1", "2"], out.stdout + out.stderr[-3000:]
