@@ -175,7 +175,6 @@ class Actor:
         weights are pi_old's)."""
         if fill_from_forward and self.perturb:
             raise ValueError("the perturbed (ALP) forward cannot stand in for pi_old's unperturbed log-probs")
-        algo = self.algo
         batch = to_device(batch)  # the rollout batch is built on the CPU; the weights may be on a GPU
         micro = self._micro_batches(batch)
         normalizer = self._global_normalizer(batch)
@@ -192,16 +191,7 @@ class Actor:
                 mb = packed.rows
             for name in fill_from_forward:  # pi_old = this forward's weights (first update, no noise)
                 setattr(mb, name, lp.detach())
-            per_tok = token_losses(algo.objective, lp, mb.rollout_logp, mb.advantages, mb.loss_mask,
-                                   old_logp=mb.old_logp, **self.hparams)
-            loss = aggregate(per_tok, mb.loss_mask, algo.aggregation, horizon=algo.horizon, normalizer=normalizer)
-            if algo.kl_coef > 0 and mb.ref_logp is not None:
-                kl = kl_penalty(lp, mb.ref_logp, mb.loss_mask, algo.kl_estimator)
-                loss = loss + algo.kl_coef * aggregate(kl, mb.loss_mask, algo.aggregation, horizon=algo.horizon,
-                                                       normalizer=normalizer)
-            if algo.entropy_coef > 0:
-                loss = loss - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.aggregation,
-                                                            horizon=algo.horizon, normalizer=normalizer)
+            loss = self._loss(lp, ent, mb, normalizer)
             if packed is None or not packed.dummy:
                 stash.append({"lp": lp.detach(), "ent": ent.detach() if ent is not None else None, "mb": mb,
                               "loss": loss.detach().clone()})
@@ -221,6 +211,33 @@ class Actor:
         # A non-finite gradient (NaN logits whose tokens the objective dropped, an fp16 overflow)
         # skips the step inside Optimizer.step; an fp16 overflow step reports no norm (None).
         ok, grad_norm = self.optimizer.step()
+        metrics = self._update_metrics(ok, grad_norm, batch, micro)
+        if self.is_last_stage and stash:
+            total = loss_sum.clone().to(torch.float64)
+            _dp_all_reduce(total, self.ps.get_data_parallel_group())
+            metrics["train/loss"] = float(total)
+        return metrics
+
+    def _loss(self, lp: torch.Tensor, ent: Optional[torch.Tensor], mb: RLBatch, normalizer) -> torch.Tensor:
+        """One micro-batch's loss: the objective's per-token losses, plus the KL penalty against
+        the reference, minus the entropy bonus, each aggregated as ``algorithm.aggregation`` says."""
+        algo = self.algo
+
+        def agg(per_token):
+            return aggregate(per_token, mb.loss_mask, algo.aggregation, horizon=algo.horizon, normalizer=normalizer)
+
+        loss = agg(token_losses(algo.objective, lp, mb.rollout_logp, mb.advantages, mb.loss_mask,
+                                old_logp=mb.old_logp, **self.hparams))
+        if algo.kl_coef > 0 and mb.ref_logp is not None:
+            loss = loss + algo.kl_coef * agg(kl_penalty(lp, mb.ref_logp, mb.loss_mask, algo.kl_estimator))
+        if algo.entropy_coef > 0:
+            loss = loss - algo.entropy_coef * agg(ent)
+        return loss
+
+    def _update_metrics(self, ok: bool, grad_norm, batch: RLBatch, micro) -> Dict[str, float]:
+        """An optimizer step's scalars: gradient norm, skip flags, loss scale, learning rates, and
+        the share of this rank's forward positions that are padding (each sample counted up to its
+        last loss token, as packing lays it out: what packing saves)."""
         norm = math.nan if grad_norm is None else float(grad_norm)
         metrics: Dict[str, float] = {"train/grad_norm": norm, "train/skipped_step": 0.0 if ok else 1.0,
                                      "train/nonfinite_loss": 0.0,
@@ -228,15 +245,9 @@ class Actor:
         metrics.update(self.optimizer.scale_metrics())
         for i, lr in enumerate(self.optimizer.lrs()):
             metrics[f"train/lr_group{i}"] = lr
-        # Share of this rank's forward positions that are padding (each sample counted up to its
-        # last loss token, as packing lays it out): what packing saves.
         positions = sum(mb.tokens.numel() for mb in micro)
         metrics["perf/padding_frac"] = 1.0 - sum(sample_lengths(batch)) / max(positions, 1)
         metrics["perf/micro_batches"] = float(len(micro))
-        if self.is_last_stage and stash:
-            total = loss_sum.clone().to(torch.float64)
-            _dp_all_reduce(total, self.ps.get_data_parallel_group())
-            metrics["train/loss"] = float(total)
         return metrics
 
     def step_metrics(self, record: List[dict]) -> Dict[str, object]:
