@@ -106,8 +106,11 @@ def _steps(run_dir, tag):
 
 
 def test_drpo_pp2_alp_off(assets, tmp_path):
+    # Also the KL penalty against the frozen reference model and the entropy bonus (no preset uses
+    # them: here they run through the loop, the reference's forward split over two stages).
     run = _train(assets, str(tmp_path), "drpo_pp2", 2, "parallel.tp=1", "parallel.pp=2", "alp.enabled=false",
-                 "algorithm.objective=drpo", "algorithm.delta=12.5", "logging.mismatch_metrics=false", steps=2)
+                 "algorithm.objective=drpo", "algorithm.delta=12.5", "logging.mismatch_metrics=false",
+                 "algorithm.kl_coef=0.05", "algorithm.entropy_coef=0.001", steps=2)
     scal, _ = _common_checks(run, 2, mismatch=False)
     assert "drpo/w_mean" in scal and "alp/sigma_mean" not in scal
 
