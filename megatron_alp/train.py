@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
+from .runtime.command_output import command_logger
 from .trainer.config_check import load_and_check
 
 logger = logging.getLogger("megatron_alp.train")
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         cfg = load_and_check(args.config, args.overrides)
     except ValueError as e:  # ConfigError included: one line, once (rank 0), no traceback
         if os.environ.get("RANK", "0") == "0":
-            print(f"config error: {e}", file=sys.stderr)  # noqa: T201 - the CLI's one line, before any logging
+            command_logger("train").error("config error: %s", e)  # one line on stderr, no timestamp
         return 2
     import torch.distributed as dist
 

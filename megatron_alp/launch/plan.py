@@ -14,10 +14,10 @@ supervisor runs the same :func:`check_job` at the start of every job.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ..runtime.command_output import command_logger
 from .memory import EngineMemory, TrainerMemory, estimate_engine, estimate_trainer, model_params
 from .topology import Plan, make_plan
 
@@ -179,13 +179,14 @@ def main(argv=None) -> int:
     import warnings
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = command_logger("plan")  # the report on stdout, a refusal on stderr
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")  # expected on a login node
     try:
         checked = check_job(spec)
     except ValueError as e:  # ConfigError and TopologyError are ValueErrors
-        print(f"dry run REFUSED: {e}", file=sys.stderr)
+        out.error("dry run REFUSED: %s", e)
         return 2
-    print(render(checked))
+    out.info("%s", render(checked))
     return 0 if checked.ok else 1
 
 

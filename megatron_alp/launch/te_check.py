@@ -13,6 +13,8 @@ from __future__ import annotations
 import socket
 import sys
 
+from ..runtime.command_output import command_logger
+
 CHECKS = {"delayed": "check_fp8_support", "tensorwise": "check_fp8_support",
           "blockwise": "check_fp8_block_scaling_support"}
 
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     why = check(argv[0] if argv else "")
     node = socket.gethostname()
-    print(f"{node}: FP8 training ({argv[0] if argv else '?'}): {why or 'supported'}", flush=True)  # noqa: T201 - the step's output
+    command_logger("te_check").info("%s: FP8 training (%s): %s", node, argv[0] if argv else "?",
+                                    why or "supported")  # the step's output, in its log
     return 1 if why else 0
 
 

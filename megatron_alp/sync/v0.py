@@ -91,8 +91,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from ..config import load_config
+    from ..runtime.command_output import command_logger
 
-    print(publish_v0(load_config(a.config, a.overrides)))  # noqa: T201 - the step's output, read in its log
+    command_logger("v0").info("%s", publish_v0(load_config(a.config, a.overrides)))  # the step's output, in its log
     return 0
 
 

@@ -3,8 +3,10 @@
 - ``rollout`` never imports ``megatron_alp`` (the rollout fleet runs without the trainer);
 - ``megatron_alp/algo`` never imports Megatron's ``parallel_state`` (algorithm code is
   parallelism-agnostic: it receives process groups, it does not look them up);
-- the library (``megatron_alp``, ``rollout``) does not print: it logs. Command-line entry points
-  listed in ``PRINT_ALLOWED`` (the same as ruff's T20 per-file-ignores in pyproject.toml) may.
+- the library (``megatron_alp``, ``rollout``) does not print: it logs, its command-line entry points
+  included (their output goes through megatron_alp/runtime/command_output.py). No exceptions, and
+  no ``noqa`` silences this one. (A ``print(`` inside a string, such as the TIR prompt that tells
+  the model to print, is not a call and is not flagged.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Iterator, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
-PRINT_ALLOWED = ("megatron_alp/demo/", "megatron_alp/launch/plan.py")
 
 
 def _sources(package: str) -> Iterator[Tuple[str, ast.AST]]:
@@ -47,16 +48,15 @@ def test_algo_never_imports_parallel_state():
     assert not bad, "\n".join(bad)
 
 
+def _is_print(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+
+
 def test_library_does_not_print():
     bad = []
     for package in ("megatron_alp", "rollout"):
         for f, tree in _sources(package):
-            if f.startswith(PRINT_ALLOWED):
-                continue
-            lines = (REPO / f).read_text().splitlines()
-            bad += [f"{f}:{n.lineno}" for n in ast.walk(tree)
-                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
-                    and "noqa: T201" not in lines[n.lineno - 1]]  # a stated exception, as ruff honours it
+            bad += [f"{f}:{n.lineno}" for n in ast.walk(tree) if _is_print(n)]
     assert not bad, "print() in the library (use logging): " + ", ".join(bad)
 
 
@@ -64,4 +64,6 @@ def test_the_guards_see_violations():
     tree = ast.parse("import megatron_alp.x\nfrom megatron.core import parallel_state as ps\nprint(1)\n")
     mods = [m for _, m in _imports(tree)]
     assert "megatron_alp.x" in mods and "megatron.core.parallel_state" in mods
-    assert any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print" for n in ast.walk(tree))
+    assert any(_is_print(n) for n in ast.walk(tree))
+    assert any(_is_print(n) for n in ast.walk(ast.parse("print(1)  # noqa: T201\n")))  # a noqa does not hide it
+    assert not any(_is_print(n) for n in ast.walk(ast.parse("PROMPT = 'use print() to show results'\n")))
