@@ -21,24 +21,24 @@ def _handover(rank, world):
     group = handover_group(timeout_minutes=1.0)
     box = [None]
     if rank == 0:
-        time.sleep(ROLLOUT_S)
+        time.sleep(ROLLOUT_S)  # the work under test (a rollout longer than the pg timeout), not a wait
         box = [{"batch": list(range(5))}]
     dist.broadcast_object_list(box, src=0, group=group)
     got = box[0]
-    # Control: the same wait on the default group (pg timeout) fails on the waiting rank.
-    control = "not run"
+    # Control: the same wait on the default group (pg timeout) fails on the waiting rank. Rank 0
+    # never joins that broadcast: it waits for rank 1's verdict on the handover group instead.
+    verdict = ["not run"]
     if rank == 1:
         try:
             dist.broadcast_object_list([None], src=0)
-            control = "completed"
+            verdict = ["completed"]
         except RuntimeError as e:
-            control = "timed out" if "imeout" in str(e) or "imed out" in str(e) else f"error: {e}"
-    else:
-        time.sleep(ROLLOUT_S)  # rank 0 never joins the control broadcast
-    return got, control
+            verdict = ["timed out" if "imeout" in str(e) or "imed out" in str(e) else f"error: {e}"]
+    dist.broadcast_object_list(verdict, src=1, group=group)
+    return got, verdict[0]
 
 
 def test_rollout_longer_than_pg_timeout_is_handed_over():
     res = run_world(_handover, 2, timeout=120)
     assert res[0][0] == res[1][0] == {"batch": [0, 1, 2, 3, 4]}
-    assert res[1][1] == "timed out", res[1][1]
+    assert res[0][1] == res[1][1] == "timed out", res  # the verdict reached rank 0 over the handover group

@@ -26,7 +26,7 @@ def slow(prompt, response, label, metadata=None):
     if calls >= int(os.environ.get("ALP_FAULT_AFTER", "1")):
         with open(marker, "a") as f:
             f.write(f"{calls}\n")
-        time.sleep(0.2)
+        time.sleep(0.2)  # the slowness under test (keeps the rollout open for the fault), not a wait
     return synthetic_reward(prompt, response, label, metadata)
 
 

@@ -12,6 +12,7 @@ from aiohttp import ClientSession
 
 from rollout.engines.local.gate import CONTRACT
 from rollout.tiny_model import make_tiny_model
+from tests.polling import async_until
 
 from .inproc_engine import InprocEngine
 
@@ -153,8 +154,7 @@ def test_same_rid_concurrently_is_refused_not_hung(eng):
 
     async def main():
         first = asyncio.ensure_future(post(eng.url, long))
-        while "same" not in eng.engine.inflight:
-            await asyncio.sleep(0.01)
+        await async_until(lambda: "same" in eng.engine.inflight, "the first request to start")
         second = await asyncio.wait_for(post(eng.url, long), 30)
         return await asyncio.wait_for(first, 120), second
 
@@ -187,14 +187,11 @@ def test_disconnected_client_is_aborted_and_its_work_dropped(eng):
 
     async def main():
         task = asyncio.ensure_future(post(eng.url, body))
-        while "gone" not in eng.engine.inflight:
-            await asyncio.sleep(0.01)
+        await async_until(lambda: "gone" in eng.engine.inflight, "the request to start")
         task.cancel()  # closes the connection
-        for _ in range(500):
-            if "gone" not in eng.engine.inflight and eng.scheduler.load() == {"queued": 0, "running": 0}:
-                return True
-            await asyncio.sleep(0.02)
-        return False
+        return await async_until(
+            lambda: "gone" not in eng.engine.inflight and eng.scheduler.load() == {"queued": 0, "running": 0},
+            "the disconnected request's work to be dropped", timeout_s=10)
 
     assert asyncio.run(main())
 
@@ -205,8 +202,7 @@ def test_flush_cache_refuses_while_requests_run(eng):
     async def main():
         async with ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
             task = asyncio.ensure_future(post(eng.url, body))
-            while "busy" not in eng.engine.inflight:
-                await asyncio.sleep(0.01)
+            await async_until(lambda: "busy" in eng.engine.inflight, "the request to start")
             async with s.post(eng.url + "/flush_cache") as r:
                 busy = r.status
             await task
@@ -265,8 +261,7 @@ def test_weight_update_refusals_and_the_not_flushed_400(eng, tmp_path):
             unchanged = torch_equal(eng.model.get_weight(name), state[name])
             long = {"input_ids": [5, 9], "sampling_params": {"max_new_tokens": 150, "ignore_eos": True}}
             task = asyncio.ensure_future(post(eng.url, long))
-            while not eng.scheduler.load()["running"]:
-                await asyncio.sleep(0.01)
+            await async_until(lambda: eng.scheduler.load()["running"], "the request to run")
             async with s.post(eng.url + "/pause_generation", json={"mode": "in_place"}) as r:
                 assert r.status == 200
             res.append(await update(tmp_path / "full", weight_version="5"))

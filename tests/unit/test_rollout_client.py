@@ -10,6 +10,7 @@ from rollout.config import ClientConfig
 from rollout.engines.client import EngineClient
 from rollout.engines.processes import free_port
 from rollout.engines.protocol import EngineHTTPError, EngineUnavailable, MalformedResponse, sampling_params
+from tests.polling import async_until
 
 FAST = ClientConfig(max_retries=3, retry_backoff_s=0.01, request_timeout_s=5, connect_timeout_s=2)
 
@@ -118,14 +119,6 @@ def test_unreachable_engine_raises_after_retries():
         asyncio.run(main())
 
 
-async def _until(cond, timeout_s: float = 30.0) -> None:
-    """Poll ``cond()`` until it holds; fail after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 def test_timeout_is_not_retried_and_aborts():
     calls = {"gen": 0}
 
@@ -143,7 +136,7 @@ def test_timeout_is_not_retried_and_aborts():
             async with EngineClient(url, config=cfg) as c:
                 with pytest.raises(EngineUnavailable, match="no answer within"):
                     await c.generate([1], sampling_params(max_new_tokens=1), rid="slow")
-                await _until(lambda: any(p == "/abort_request" for p, _, _ in seen))  # sent in the background
+                await async_until(lambda: any(p == "/abort_request" for p, _, _ in seen), "the abort (sent later)")
             return seen
 
     seen = asyncio.run(main())
@@ -163,11 +156,11 @@ def test_cancellation_sends_abort():
         async with serve({("POST", "/generate"): gen, ("POST", "/abort_request"): abort}) as (url, seen):
             async with EngineClient(url, config=FAST) as c:
                 task = asyncio.ensure_future(c.generate([1], sampling_params(max_new_tokens=1), rid="r9"))
-                await _until(lambda: any(p == "/generate" for p, _, _ in seen))  # the request is in flight
+                await async_until(lambda: any(p == "/generate" for p, _, _ in seen), "the request")  # in flight
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-                await _until(lambda: any(p == "/abort_request" for p, _, _ in seen))
+                await async_until(lambda: any(p == "/abort_request" for p, _, _ in seen), "the abort")
             return seen
 
     assert any(p == "/abort_request" and b["rid"] == "r9" for p, b, _ in asyncio.run(main()))

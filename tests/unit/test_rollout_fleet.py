@@ -7,10 +7,12 @@ import pytest
 
 from rollout.engines.protocol import EngineHTTPError, EngineUnavailable, GenerateOutput
 from rollout.fleet import Fleet, FleetExhausted, WeightUpdateError
+from tests.polling import async_until
 
 
 class FakeEngine:
-    """Duck-typed EngineClient: answers after ``delay``; can die or abort."""
+    """Duck-typed EngineClient: answers after ``delay`` (or, with ``hold`` set to an asyncio.Event,
+    when the test sets it); can die or abort."""
 
     def __init__(self, url, delay=0.01, dead=False):
         self.url, self.delay, self.dead = url, delay, dead
@@ -18,6 +20,7 @@ class FakeEngine:
         self.version, self.calls, self.abort_next = "0", [], 0
         self.fail_update = False
         self.http_error = None
+        self.hold = None
 
     async def generate(self, input_ids, params, *, rid=None, return_logprob=True):
         if self.http_error:
@@ -27,7 +30,10 @@ class FakeEngine:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.delay)
+            if self.hold is not None:
+                await self.hold.wait()
+            else:
+                await asyncio.sleep(self.delay)
         finally:
             self.in_flight -= 1
         if self.dead:
@@ -100,18 +106,20 @@ def test_even_spread_when_equal():
 
 
 def test_engine_dying_mid_generation_is_dropped_and_requests_reissued():
-    a, b = FakeEngine("http://a", delay=0.1), FakeEngine("http://b", delay=0.02)
+    a, b = FakeEngine("http://a"), FakeEngine("http://b", delay=0.02)
 
     async def main():
+        a.hold = asyncio.Event()  # `a` answers nothing until it dies
         fleet = Fleet([a, b])
         tasks = [asyncio.ensure_future(fleet.generate([1], {})) for _ in range(20)]
-        await asyncio.sleep(0.03)
+        held = await async_until(lambda: a.in_flight, "requests in flight on engine a")
         a.dead = True  # requests in flight on `a` fail now
+        a.hold.set()
         outs = await asyncio.gather(*tasks)
-        return fleet, outs
+        return fleet, outs, held
 
-    fleet, outs = run(main())
-    assert len(outs) == 20 and all(o.finish_reason == "length" and o.output_ids == [1, 2] for o in outs)
+    fleet, outs, held = run(main())
+    assert held > 0 and len(outs) == 20 and all(o.finish_reason == "length" and o.output_ids == [1, 2] for o in outs)
     assert all(o.engine == "http://b" for o in outs)
     assert fleet.live_urls == ["http://b"] and fleet.stats()["http://a"]["alive"] is False
 
@@ -176,8 +184,7 @@ def test_in_place_update_flushes_after_the_paused_requests_finish():
     async def main():
         fleet = Fleet([eng])
         running = asyncio.ensure_future(fleet.generate([1], {}))
-        while not eng.in_flight:
-            await asyncio.sleep(0.01)
+        await async_until(lambda: eng.in_flight, "the request to start")
         await fleet.update_weights_from_disk("/ckpt/5", "5", pause_mode="in_place")
         assert running.done()  # the update returned only after the flush, i.e. after it finished
         return await fleet.generate([1], {})
@@ -240,7 +247,7 @@ def test_a_response_from_the_version_it_was_issued_at_is_kept_across_an_update()
         fleet = Fleet([eng])
         await fleet.update_weights_from_disk("/v1", "1")
         pending = asyncio.ensure_future(fleet.generate([1], {}))
-        await asyncio.sleep(0.05)
+        await async_until(lambda: eng.in_flight, "the request to start")
         await fleet.update_weights_from_disk("/v2", "2", pause_mode="in_place")  # lands mid-request
         out = await pending
         return fleet, out

@@ -145,9 +145,18 @@ if pid == 0:
     os._exit(0)
 os.waitpid(pid, 0)
 import time
-time.sleep(0.5)
-print('grandchild alive:', any({token!r}.encode() in open(f'/proc/{{p}}/cmdline', 'rb').read()
-                               for p in os.listdir('/proc') if p.isdigit()))
+def alive():
+    for p in os.listdir('/proc'):
+        try:
+            if p.isdigit() and {token!r}.encode() in open(f'/proc/{{p}}/cmdline', 'rb').read():
+                return True
+        except OSError:
+            pass
+    return False
+deadline = time.monotonic() + 10  # until the grandchild has exec'd (polled, inside the 20 s limit)
+while not alive() and time.monotonic() < deadline:
+    time.sleep(0.02)
+print('grandchild alive:', alive())
 """
     res = run(code)
     assert res.status == "ok" and "grandchild alive: True" in res.stdout, res  # it really was started
