@@ -33,12 +33,13 @@ def _which(tool: str) -> Optional[str]:
 
 
 def unavailable_reason() -> Optional[str]:
-    """Why the local SLURM cannot run here (None when it can). Nothing is installed by the tests:
-    CI installs slurm-wlm and munge in .ci/run; on a workstation, install them yourself (as root,
-    ``apt-get install slurm-wlm munge``) to run these tests."""
+    """Why the local SLURM cannot run here (None when it can). The tests install nothing: CI installs
+    the Debian/Ubuntu packages slurm-wlm and munge in .ci/run; on a workstation, install those two
+    packages yourself (as root) to run these tests."""
     missing = [t for t in TOOLS if not _which(t)]
     if missing:
-        return f"SLURM is not installed (missing {', '.join(missing)}; apt-get install slurm-wlm munge)"
+        return (f"SLURM is not installed (missing {', '.join(missing)}; the tests install nothing: "
+                "install the packages slurm-wlm and munge as root, as .ci/run does in CI)")
     if os.geteuid() != 0:
         return "the local SLURM runs its daemons as root (SlurmUser=root)"
     return None
